@@ -1,0 +1,277 @@
+"""The one event model: `Table`, `Change`, and transactions as a stream of items.
+
+A source transaction reaches the sinks as `TxBegin`, one or more `TxChanges` chunks (at most
+`chunk_size` changes each, so a huge transaction never sits in memory whole), then `TxCommit`.
+Items are immutable and shared by every site: decode once, fan out.
+
+`Assembler` turns decoded pgoutput messages into those items. Values stay in PostgreSQL's text
+form (`str`), `None` for NULL and `UNCHANGED_TOAST` for unchanged TOASTed values.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .protocol import (
+    UNCHANGED_TOAST,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Lsn,
+    Message,
+    OldTupleKind,
+    Origin,
+    PgOutputMessage,
+    ProtocolError,
+    Relation,
+    ReplicaIdentity,
+    Truncate,
+    TupleData,
+    Type,
+    Update,
+    pg_timestamp_to_datetime,
+)
+
+__all__ = [
+    "UNCHANGED_TOAST",
+    "Assembler",
+    "Change",
+    "Op",
+    "Table",
+    "Transaction",
+    "TxBegin",
+    "TxChanges",
+    "TxCommit",
+    "TxItem",
+    "collect_transactions",
+]
+
+DEFAULT_CHUNK_SIZE = 5000
+
+
+class Op(enum.Enum):
+    """What a change does; the values are the `op` strings of the event JSON."""
+
+    INSERT = "insert"
+    UPDATE = "update"
+    DELETE = "delete"
+    TRUNCATE = "truncate"
+    MESSAGE = "message"
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A source table as the stream describes it (only published, non-generated columns)."""
+
+    oid: int
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    type_oids: tuple[int, ...]
+    type_modifiers: tuple[int, ...]
+    key: tuple[int, ...]
+    replica_identity: ReplicaIdentity
+
+    @property
+    def qualified(self) -> str:
+        """`schema.table`, unquoted: the event `topic` and config-pattern form."""
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return tuple(self.columns[i] for i in self.key)
+
+    @classmethod
+    def from_relation(cls, rel: Relation) -> Table:
+        return cls(
+            oid=rel.oid,
+            schema=rel.namespace or "pg_catalog",
+            name=rel.name,
+            columns=tuple(c.name for c in rel.columns),
+            type_oids=tuple(c.type_oid for c in rel.columns),
+            type_modifiers=tuple(c.type_modifier for c in rel.columns),
+            key=tuple(i for i, c in enumerate(rel.columns) if c.is_key),
+            replica_identity=rel.replica_identity,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row change, truncate or emitted message, at `position` within its transaction.
+
+    insert: `new`. update: `new`, and `old` when the server sent one (`old_is_key`: only the
+    replica-identity columns are meaningful, others are None). delete: `old`. truncate:
+    `truncated` tables and `truncate_options`. message: `prefix` and `content`.
+    """
+
+    op: Op
+    position: int
+    table: Table | None = None
+    new: TupleData | None = None
+    old: TupleData | None = None
+    old_is_key: bool = False
+    truncated: tuple[Table, ...] = ()
+    truncate_options: int = 0
+    prefix: str = ""
+    content: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TxBegin:
+    """A source transaction starts. `commit_lsn` is known up front (pgoutput's final LSN)."""
+
+    xid: int
+    commit_lsn: Lsn
+    commit_ts: datetime
+    origin: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TxChanges:
+    """A chunk of the changes of the open transaction, in source order."""
+
+    changes: tuple[Change, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TxCommit:
+    """The open transaction ends; `end_lsn` is what a site records as applied."""
+
+    commit_lsn: Lsn
+    end_lsn: Lsn
+    commit_ts: datetime
+
+
+TxItem = TxBegin | TxChanges | TxCommit
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A whole transaction: for tests and small consumers (see `collect_transactions`)."""
+
+    begin: TxBegin
+    changes: tuple[Change, ...]
+    commit: TxCommit
+
+
+@dataclass(slots=True)
+class Assembler:
+    """Turns pgoutput messages into `TxItem`s; keeps the relation map of the session.
+
+    Feed every decoded message to `feed`, which returns the items it completes. Raises
+    `ProtocolError` on messages out of order (a change outside a transaction, a nested Begin).
+    """
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    tables: dict[int, Table] = field(default_factory=dict)
+    types: dict[int, Type] = field(default_factory=dict)
+    _begin: Begin | None = None
+    _origin: str | None = None
+    _begun: bool = False
+    _position: int = 0
+    _pending: list[Change] = field(default_factory=list)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._begin is not None
+
+    def reset(self) -> None:
+        """Forget an open transaction (after a lost connection); relations are re-sent anyway."""
+        self._begin = None
+        self._origin = None
+        self._begun = False
+        self._pending = []
+        self.tables.clear()
+
+    def feed(self, msg: PgOutputMessage) -> list[TxItem]:
+        out: list[TxItem] = []
+        if isinstance(msg, Begin):
+            if self._begin is not None:
+                raise ProtocolError("Begin inside an open transaction", 0)
+            self._begin, self._origin, self._begun, self._position = msg, None, False, 0
+            return out
+        if isinstance(msg, Relation):
+            self.tables[msg.oid] = Table.from_relation(msg)
+            return out
+        if isinstance(msg, Type):
+            self.types[msg.oid] = msg
+            return out
+        if isinstance(msg, Origin):
+            self._origin = msg.name
+            return out
+        if isinstance(msg, Message) and not msg.transactional and self._begin is None:
+            # A non-transactional message arrives on its own: a one-change pseudo transaction.
+            ts = pg_timestamp_to_datetime(0)
+            change = Change(Op.MESSAGE, 0, prefix=msg.prefix, content=msg.content)
+            return [
+                TxBegin(0, msg.lsn, ts, None),
+                TxChanges((change,)),
+                TxCommit(msg.lsn, msg.lsn, ts),
+            ]
+        begin = self._begin
+        if begin is None:
+            raise ProtocolError(f"{type(msg).__name__} outside a transaction", 0)
+        if not self._begun:
+            out.append(
+                TxBegin(begin.xid, begin.final_lsn, pg_timestamp_to_datetime(begin.commit_ts),
+                        self._origin)
+            )
+            self._begun = True
+        if isinstance(msg, Commit):
+            if self._pending:
+                out.append(TxChanges(tuple(self._pending)))
+                self._pending = []
+            out.append(TxCommit(msg.commit_lsn, msg.end_lsn,
+                                pg_timestamp_to_datetime(msg.commit_ts)))
+            self._begin = None
+            return out
+        self._pending.append(self._change(msg))
+        self._position += 1
+        if len(self._pending) >= self.chunk_size:
+            out.append(TxChanges(tuple(self._pending)))
+            self._pending = []
+        return out
+
+    def _table(self, oid: int) -> Table:
+        try:
+            return self.tables[oid]
+        except KeyError:
+            raise ProtocolError(f"change for relation {oid} before its Relation message",
+                                0) from None
+
+    def _change(self, msg: PgOutputMessage) -> Change:
+        pos = self._position
+        if isinstance(msg, Insert):
+            return Change(Op.INSERT, pos, self._table(msg.relation_oid), new=msg.new)
+        if isinstance(msg, Update):
+            return Change(Op.UPDATE, pos, self._table(msg.relation_oid), new=msg.new, old=msg.old,
+                          old_is_key=msg.old_kind is OldTupleKind.KEY)
+        if isinstance(msg, Delete):
+            return Change(Op.DELETE, pos, self._table(msg.relation_oid), old=msg.old,
+                          old_is_key=msg.old_kind is OldTupleKind.KEY)
+        if isinstance(msg, Truncate):
+            tables = tuple(self._table(oid) for oid in msg.relation_oids)
+            return Change(Op.TRUNCATE, pos, truncated=tables, truncate_options=msg.options)
+        if isinstance(msg, Message):
+            return Change(Op.MESSAGE, pos, prefix=msg.prefix, content=msg.content)
+        raise ProtocolError(f"unexpected {type(msg).__name__} inside a transaction", 0)
+
+
+def collect_transactions(items: list[TxItem] | Iterator[TxItem]) -> list[Transaction]:
+    """Gather a finite item stream into whole `Transaction`s (tests, small tools)."""
+    result: list[Transaction] = []
+    begin: TxBegin | None = None
+    changes: list[Change] = []
+    for item in items:
+        if isinstance(item, TxBegin):
+            begin, changes = item, []
+        elif isinstance(item, TxChanges):
+            changes.extend(item.changes)
+        elif begin is not None:
+            result.append(Transaction(begin, tuple(changes), item))
+            begin = None
+    return result
