@@ -14,6 +14,7 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from .protocol import (
     UNCHANGED_TOAST,
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 5000
+_NOTHING: list[TxItem] = []  # shared empty result of `feed`; callers only iterate it
 
 
 class Op(enum.Enum):
@@ -99,13 +101,15 @@ class Table:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One row change, truncate or emitted message, at `position` within its transaction.
 
     insert: `new`. update: `new`, and `old` when the server sent one (`old_is_key`: only the
     replica-identity columns are meaningful, others are None). delete: `old`. truncate:
     `truncated` tables and `truncate_options`. message: `prefix` and `content`.
+
+    A NamedTuple rather than a frozen dataclass: one is built per row change on the hot path,
+    and tuple construction is several times cheaper than a frozen dataclass's `__init__`.
     """
 
     op: Op
@@ -188,6 +192,16 @@ class Assembler:
         self.tables.clear()
 
     def feed(self, msg: PgOutputMessage) -> list[TxItem]:
+        cls = type(msg)
+        if (cls is Update or cls is Insert or cls is Delete) and self._begun:
+            # The hot path: a row change inside an already announced transaction.
+            self._pending.append(self._change(msg))
+            self._position += 1
+            if len(self._pending) >= self.chunk_size:
+                chunk = TxChanges(tuple(self._pending))
+                self._pending = []
+                return [chunk]
+            return _NOTHING
         out: list[TxItem] = []
         if isinstance(msg, Begin):
             if self._begin is not None:
@@ -245,6 +259,9 @@ class Assembler:
 
     def _change(self, msg: PgOutputMessage) -> Change:
         pos = self._position
+        if type(msg) is Update:
+            return Change(Op.UPDATE, pos, self._table(msg.relation_oid), msg.new, msg.old,
+                          msg.old_kind is OldTupleKind.KEY)
         if isinstance(msg, Insert):
             return Change(Op.INSERT, pos, self._table(msg.relation_oid), new=msg.new)
         if isinstance(msg, Update):

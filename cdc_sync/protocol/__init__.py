@@ -14,6 +14,8 @@ from ._frames import (
 from ._lsn import INVALID_LSN, Lsn
 from ._messages import (
     PG_EPOCH,
+    TRUNCATE_CASCADE,
+    TRUNCATE_RESTART_IDENTITY,
     UNCHANGED_TOAST,
     Begin,
     Column,
@@ -40,6 +42,8 @@ from ._messages import (
 __all__ = [
     "INVALID_LSN",
     "PG_EPOCH",
+    "TRUNCATE_CASCADE",
+    "TRUNCATE_RESTART_IDENTITY",
     "UNCHANGED_TOAST",
     "Begin",
     "Column",

@@ -138,7 +138,7 @@ class Column:
 
 @dataclass(frozen=True, slots=True)
 class Relation:
-    """`logicalrep_write_rel`: oid, namespace ('' means pg_catalog), name, replica identity, columns."""
+    """`logicalrep_write_rel`: oid, namespace ('' = pg_catalog), name, replica identity, columns."""
 
     oid: int
     namespace: str

@@ -1,0 +1,308 @@
+"""The verbs of `cdc-sync`, as plain functions taking the settings first (the CLI is thin).
+
+Each raises `CdcSyncError` subclasses with one-line messages; none prints. `status` returns
+the `status --json` object of ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .config import Settings, SiteSettings, table_matches
+from .errors import CdcSyncError, SiteError, SourceError
+from .pipeline import Pipeline
+from .protocol import Lsn
+from .sinks.schema import migrate_site
+from .sinks.site import SESSION_OPTIONS, connect_site
+from .source import catalog
+from .source.catalog import TableDef
+from .source.snapshot import begin_snapshot, check_slot_name, copy_table, exported_snapshot
+from .source.stream import describe_connect_error
+
+log = logging.getLogger(__name__)
+
+CopyProgress = Callable[[str, str, int], None]  # site, table, rows just copied
+
+
+def connect_source(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(dsn, autocommit=autocommit, options=SESSION_OPTIONS,
+                               connect_timeout=10, application_name="cdc_sync")
+    except psycopg.OperationalError as exc:
+        raise SourceError(f"source: {describe_connect_error(dsn, exc)}") from exc
+
+
+def connect_site_checked(site: SiteSettings, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+    try:
+        conn = connect_site(site.dsn)
+        conn.autocommit = autocommit
+        return conn
+    except psycopg.OperationalError as exc:
+        raise SiteError(f"site {site.name}: {describe_connect_error(site.dsn, exc)}") from exc
+
+
+# -- init --------------------------------------------------------------------------------
+
+@dataclass
+class InitReport:
+    tables: list[str] = field(default_factory=list)
+    created_tables: dict[str, list[str]] = field(default_factory=dict)
+    copied: dict[str, int] = field(default_factory=dict)  # site -> rows
+    slot_created: bool = False
+    snapshot_lsn: str | None = None
+
+
+def source_tables(conn: psycopg.Connection[Any], settings: Settings) -> list[TableDef]:
+    return [catalog.describe_table(conn, s, t)
+            for s, t in catalog.list_tables(conn, settings.source.tables)]
+
+
+def site_tables(site: SiteSettings, tables: list[TableDef]) -> list[TableDef]:
+    if site.tables is None:
+        return tables
+    return [t for t in tables if table_matches(site.tables, t.qualified)]
+
+
+def prepare_site(site: SiteSettings, src: psycopg.Connection[Any],
+                 tables: list[TableDef]) -> list[str]:
+    """Migrate our schema, create missing schemas/types/tables, check every source column."""
+    migrate_site(site.dsn)
+    created: list[str] = []
+    with connect_site_checked(site) as conn:
+        for t in site_tables(site, tables):
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(t.schema)))
+            for schema, name, kind, definition in catalog.user_types(src, t):
+                _ensure_type(conn, schema, name, kind, definition)
+            exists = conn.execute(
+                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relname = %s", (t.schema, t.name)).fetchone()
+            if exists is None:
+                conn.execute(catalog.create_site_table_sql(t))
+                created.append(t.qualified)
+                continue
+            have = {r[0] for r in conn.execute(
+                "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+                "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+                (t.schema, t.name)).fetchall()}
+            for col in t.copy_columns:
+                if col not in have:
+                    raise SiteError(f"site {site.name}: table {t.qualified} is missing column "
+                                    f"{t.qualified}.{col} (add it, or drop the table so "
+                                    "`cdc-sync init` creates it)")
+        conn.commit()
+    return created
+
+
+def _ensure_type(conn: psycopg.Connection[Any], schema: str, name: str, kind: str,
+                 definition: str) -> None:
+    exists = conn.execute(
+        "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+        "WHERE n.nspname = %s AND t.typname = %s", (schema, name)).fetchone()
+    if exists is not None:
+        return
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    parts = definition.split("\0")
+    ident = sql.Identifier(schema, name)
+    if kind == "e":
+        conn.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
+            ident, sql.SQL(", ").join(sql.Literal(p) for p in parts if p != "" or len(parts) > 1)))
+    else:
+        base, notnull, *checks = parts
+        conn.execute(sql.SQL("CREATE DOMAIN {} AS {}{}{}").format(
+            ident, sql.SQL(base), sql.SQL(" NOT NULL" if notnull else ""),
+            sql.SQL("").join(sql.SQL(" ") + sql.SQL(c) for c in checks)))
+
+
+def _site_has_snapshot(site: SiteSettings, source: str) -> bool:
+    with connect_site_checked(site) as conn:
+        row = conn.execute("SELECT snapshot_lsn FROM cdc_sync.progress WHERE source = %s",
+                           (source,)).fetchone()
+    return row is not None and row[0] is not None
+
+
+def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], snapshot: str,
+               point: Lsn, on_progress: CopyProgress | None) -> int:
+    total = 0
+    with connect_source(settings.source.dsn, autocommit=False) as src, \
+            connect_site_checked(site) as dst:
+        begin_snapshot(src, snapshot)
+        try:
+            dst.execute("SET session_replication_role = replica")
+        except psycopg.errors.InsufficientPrivilege:
+            dst.rollback()
+        for t in site_tables(site, tables):
+            nonempty = dst.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(t.ident)
+                                   ).fetchone()
+            merge = bool(nonempty and nonempty[0])
+
+            def rows_cb(n: int, _t: str = t.qualified) -> None:
+                if on_progress is not None:
+                    on_progress(site.name, _t, n)
+
+            total += copy_table(src, dst, t, merge=merge, on_rows=rows_cb)
+        dst.execute(
+            "INSERT INTO cdc_sync.progress (source, applied_lsn, snapshot_lsn, updated_at) "
+            "VALUES (%s, %s::pg_lsn, %s::pg_lsn, now()) ON CONFLICT (source) DO UPDATE SET "
+            "applied_lsn = EXCLUDED.applied_lsn, snapshot_lsn = EXCLUDED.snapshot_lsn, "
+            "commit_ts = NULL, updated_at = now()",
+            (settings.source.name, str(point), str(point)))
+        dst.commit()
+        src.rollback()
+    log.info("site %s: initial copy of %d rows at %s", site.name, total, point)
+    return total
+
+
+def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> InitReport:
+    """Idempotent set-up of the source, the slot and every site (see ARCHITECTURE.md)."""
+    report = InitReport()
+    src_cfg = settings.source
+    check_slot_name(src_cfg.slot)
+    with connect_source(src_cfg.dsn) as src:
+        tables = source_tables(src, settings)
+        report.tables = [t.qualified for t in tables]
+        catalog.check_source(src, tables, src_cfg.slot)
+        catalog.ensure_publication(src, src_cfg.publication, tables)
+        for site in settings.sites:
+            report.created_tables[site.name] = prepare_site(site, src, tables)
+        slot = catalog.slot_info(src, src_cfg.slot)
+    if slot is not None and slot["plugin"] != "pgoutput":
+        raise SourceError(f"source: slot {src_cfg.slot} uses plugin {slot['plugin']}, not pgoutput")
+    if slot is not None and not slot["same_database"]:
+        raise SourceError(f"source: slot {src_cfg.slot} belongs to another database")
+    if slot is None:
+        needing = list(settings.sites)
+    else:
+        needing = [s for s in settings.sites if not _site_has_snapshot(s, src_cfg.name)]
+        if needing and slot["active"]:
+            raise SourceError(
+                f"source: sites {', '.join(s.name for s in needing)} need their initial copy; "
+                "stop `cdc-sync run` first (the slot is in use)")
+    if not needing:
+        return report
+    if slot is None:
+        name, temporary = src_cfg.slot, False
+        report.slot_created = True
+    else:
+        name, temporary = f"{src_cfg.slot}_init_{threading.get_native_id()}"[:63], True
+    with exported_snapshot(src_cfg.dsn, name, temporary=temporary) as (point, snapshot):
+        report.snapshot_lsn = str(point)
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(needing)))) as pool:
+            futures = {s.name: pool.submit(_copy_site, settings, s, tables, snapshot, point,
+                                           on_progress) for s in needing}
+            for site_name, fut in futures.items():
+                report.copied[site_name] = fut.result()
+    return report
+
+
+# -- run ---------------------------------------------------------------------------------
+
+def check_runnable(settings: Settings) -> None:
+    """Fail fast with one clear line when `run` cannot start at all."""
+    with connect_source(settings.source.dsn) as src:
+        slot = catalog.slot_info(src, settings.source.slot)
+    if slot is None:
+        raise SourceError(f"source: replication slot {settings.source.slot!r} does not exist "
+                          "(run `cdc-sync init` first)")
+
+
+def run(settings: Settings, *, install_signals: bool = True,
+        pipeline: Pipeline | None = None) -> None:
+    """Stream until SIGINT/SIGTERM (or `pipeline.stop()`); reconnects on its own."""
+    check_runnable(settings)
+    pipe = pipeline or Pipeline(settings)
+    if install_signals:
+        def handler(signum: int, _frame: object) -> None:
+            log.info("received signal %d: stopping", signum)
+            pipe.stop()
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+    pipe.run()
+
+
+# -- status ------------------------------------------------------------------------------
+
+def _iso(ts: datetime | None) -> str | None:
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds") if ts else None
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """The `status --json` object."""
+    src_cfg = settings.source
+    source: dict[str, Any] = {"name": src_cfg.name, "slot": src_cfg.slot, "active": False,
+                              "current_lsn": None, "confirmed_flush_lsn": None,
+                              "retained_bytes": None}
+    current: Lsn | None = None
+    confirmed: Lsn | None = None
+    with connect_source(src_cfg.dsn) as src:
+        slot = catalog.slot_info(src, src_cfg.slot)
+        now_row = src.execute("SELECT pg_current_wal_lsn()::text, now()").fetchone()
+    assert now_row is not None
+    current = Lsn.parse(now_row[0])
+    source["current_lsn"] = str(current)
+    if slot is not None:
+        confirmed = Lsn.parse(slot["confirmed_flush_lsn"]) if slot["confirmed_flush_lsn"] else None
+        source.update(active=bool(slot["active"]),
+                      confirmed_flush_lsn=str(confirmed) if confirmed is not None else None,
+                      retained_bytes=int(slot["retained_bytes"] or 0))
+    sites = []
+    for site in settings.sites:
+        entry: dict[str, Any] = {"name": site.name, "reachable": False, "applied_lsn": None,
+                                 "lag_bytes": None, "lag_seconds": None, "last_commit_ts": None}
+        try:
+            with connect_site_checked(site, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT applied_lsn::text, commit_ts FROM cdc_sync.progress "
+                    "WHERE source = %s", (src_cfg.name,)).fetchone()
+        except (CdcSyncError, psycopg.Error) as exc:
+            entry["error"] = str(exc) if isinstance(exc, CdcSyncError) else (
+                f"site {site.name}: {' '.join(str(exc).split())}")
+            sites.append(entry)
+            continue
+        entry["reachable"] = True
+        if row is not None:
+            applied = Lsn.parse(row[0])
+            # Every site holds at least what the slot has confirmed (we confirm the minimum).
+            if confirmed is not None and confirmed > applied:
+                applied = confirmed
+            lag = max(0, current - applied)
+            entry.update(applied_lsn=str(applied), lag_bytes=lag,
+                         last_commit_ts=_iso(row[1]))
+            if lag == 0:
+                entry["lag_seconds"] = 0.0
+            elif row[1] is not None:
+                entry["lag_seconds"] = round(max(0.0, (now_row[1] - row[1]).total_seconds()), 3)
+        sites.append(entry)
+    return {"source": source, "sites": sites}
+
+
+# -- teardown ----------------------------------------------------------------------------
+
+def teardown(settings: Settings) -> list[str]:
+    """Drop the slot and the publication; return what was dropped."""
+    dropped: list[str] = []
+    src_cfg = settings.source
+    with connect_source(src_cfg.dsn) as src:
+        slot = catalog.slot_info(src, src_cfg.slot)
+        if slot is not None:
+            if slot["active"]:
+                raise SourceError(f"source: slot {src_cfg.slot} is in use; stop `cdc-sync run` "
+                                  "first")
+            src.execute("SELECT pg_drop_replication_slot(%s)", (src_cfg.slot,))
+            dropped.append(f"slot {src_cfg.slot}")
+        pub = src.execute("SELECT 1 FROM pg_publication WHERE pubname = %s",
+                          (src_cfg.publication,)).fetchone()
+        if pub is not None:
+            src.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(src_cfg.publication)))
+            dropped.append(f"publication {src_cfg.publication}")
+    return dropped

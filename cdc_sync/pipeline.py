@@ -1,0 +1,228 @@
+"""`Pipeline`: source stream → decoder → assembler → one `SiteWorker` per site, with feedback.
+
+Contract:
+- Decode once, fan out: every item goes to every site worker, in stream order.
+- The source is told (standby status `flush`) only the minimum position every site has durably
+  applied; never anything on receipt. The stream always restarts from the slot's confirmed
+  position, and sites skip what they already hold.
+- A lost source connection, or a site that comes back after a failure, restarts the stream
+  (with backoff); the process never exits for that. `stop()` (SIGINT/SIGTERM in the CLI)
+  abandons an open source transaction, lets every site commit what is complete, confirms, and
+  returns.
+- Transactions carrying a replication origin (our own applied writes at this source, when it
+  is also a site of another replicator) are not forwarded unless `forward_origins` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+from .changes import Assembler, Table, TxBegin, TxCommit, TxItem
+from .config import Settings, table_matches
+from .errors import CdcSyncError
+from .protocol import Commit, Lsn, PrimaryKeepalive, XLogData, decode_message
+from .sinks.worker import RESET, Keepalive, SiteWorker, WorkItem
+from .source.stream import ReplicationStream, SlotBusy, StreamLost
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL: Final = 1.0
+KEEPALIVE_DISPATCH_INTERVAL: Final = 0.5
+RECONNECT_INITIAL: Final = 0.5
+RECONNECT_MAX: Final = 10.0
+SLOT_BUSY_PATIENCE: Final = 30.0
+
+
+class Pipeline:
+    """Streams the source of `settings` into all its sites until `stop()` (see module doc)."""
+
+    def __init__(self, settings: Settings, *, chunk_size: int | None = None,
+                 on_applied: Callable[[SiteWorker, int, float], None] | None = None) -> None:
+        self.settings = settings
+        self.chunk_size = chunk_size
+        self._stop = threading.Event()
+        self._rewind = threading.Event()
+        self.received_lsn = Lsn(0)
+        self.confirmed_lsn = Lsn(0)
+        self.connected = False
+        self.last_error: str | None = None
+        self.workers = [
+            SiteWorker(
+                site.name, site.dsn, settings.source.name,
+                wants=_table_filter(settings.source.tables, site.tables),
+                on_rewind=self._request_rewind,
+                on_applied=on_applied,
+            )
+            for site in settings.sites
+        ]
+
+    # -- control --------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _request_rewind(self, worker: SiteWorker) -> None:
+        log.info("site %s is back: replaying the stream from the slot", worker.site)
+        self._rewind.set()
+
+    def flush_position(self) -> Lsn:
+        """The minimum durable position over all sites (0/0 while any site is unknown)."""
+        positions = [w.durable_lsn for w in self.workers]
+        if any(p is None for p in positions):
+            return Lsn(0)
+        return min(p for p in positions if p is not None)
+
+    # -- main loop ------------------------------------------------------------------------
+    def run(self) -> None:
+        for w in self.workers:
+            w.start()
+        for w in self.workers:
+            w.ready.wait(timeout=15)
+        backoff = RECONNECT_INITIAL
+        busy_since: float | None = None
+        try:
+            while not self._stop.is_set():
+                stream = ReplicationStream(
+                    self.settings.source.dsn, self.settings.source.slot,
+                    self.settings.source.publication,
+                    origin_none=not self.settings.source.forward_origins,
+                )
+                try:
+                    self._rewind.clear()
+                    stream.open(Lsn(0))
+                    self.connected, self.last_error, busy_since = True, None, None
+                    backoff = RECONNECT_INITIAL
+                    in_tx = self._stream(stream)
+                    if self._stop.is_set():
+                        self._shutdown(stream, in_tx)
+                except SlotBusy as exc:
+                    busy_since = busy_since or time.monotonic()
+                    if time.monotonic() - busy_since > SLOT_BUSY_PATIENCE:
+                        raise
+                    self._note_error(exc)
+                except StreamLost as exc:
+                    self._note_error(exc)
+                finally:
+                    self.connected = False
+                    stream.close()
+                if self._stop.is_set():
+                    break
+                self._broadcast(RESET)
+                if not self._rewind.is_set():
+                    self._stop.wait(backoff * (0.5 + random.random() / 2))
+                    backoff = min(backoff * 2, RECONNECT_MAX)
+        finally:
+            self._stop_workers()
+            self._final_confirm()
+
+    def _note_error(self, exc: CdcSyncError) -> None:
+        self.last_error = str(exc)
+        log.warning("%s; reconnecting", exc)
+
+    def _shutdown(self, stream: ReplicationStream, in_tx: bool) -> None:
+        if in_tx:
+            log.info("abandoning the open source transaction; it will be streamed again")
+            self._broadcast(RESET)
+        self._stop_workers()
+        self._send_status(stream)
+        log.info("stopped; confirmed %s to the source", self.confirmed_lsn)
+
+    def _stop_workers(self) -> None:
+        for w in self.workers:
+            w.stop()
+        for w in self.workers:
+            if w.is_alive():
+                w.join(timeout=60)
+
+    def _stream(self, stream: ReplicationStream) -> bool:
+        """Stream until stop or rewind; return whether a source transaction was open."""
+        assembler = Assembler(**({"chunk_size": self.chunk_size} if self.chunk_size else {}))
+        forward = self.settings.source.forward_origins
+        skipping = False
+        last_status = 0.0
+        last_keepalive_dispatch = 0.0
+        try:
+            while not self._stop.is_set() and not self._rewind.is_set():
+                reply = False
+                for frame in stream.read(0.2):
+                    if isinstance(frame, XLogData):
+                        msg = decode_message(frame.data)
+                        for item in assembler.feed(msg):
+                            if isinstance(item, TxBegin):
+                                skipping = item.origin is not None and not forward
+                            if not skipping:
+                                self._dispatch(item, stream)
+                            elif isinstance(item, TxCommit):
+                                # Skipped transactions still move every site forward.
+                                skipping = False
+                                self._dispatch(Keepalive(item.end_lsn), stream)
+                        if isinstance(msg, Commit):
+                            self.received_lsn = max(self.received_lsn, msg.end_lsn)
+                    elif isinstance(frame, PrimaryKeepalive):
+                        self.received_lsn = max(self.received_lsn, frame.wal_end)
+                        reply = reply or frame.reply_requested
+                        now = time.monotonic()
+                        if (not assembler.in_transaction
+                                and now - last_keepalive_dispatch >= KEEPALIVE_DISPATCH_INTERVAL):
+                            last_keepalive_dispatch = now
+                            self._dispatch(Keepalive(frame.wal_end), stream)
+                now = time.monotonic()
+                if reply or now - last_status >= STATUS_INTERVAL:
+                    self._send_status(stream)
+                    last_status = now
+        finally:
+            in_tx = assembler.in_transaction
+        return in_tx
+
+    def _send_status(self, stream: ReplicationStream) -> None:
+        flush = self.flush_position()
+        if flush > self.confirmed_lsn:
+            self.confirmed_lsn = flush
+        stream.send_status(self.received_lsn, self.confirmed_lsn, self.confirmed_lsn)
+
+    def _dispatch(self, item: TxItem | Keepalive, stream: ReplicationStream) -> None:
+        last_status = time.monotonic()
+        for w in self.workers:
+            while not w.put(item, timeout=0.5):
+                if not w.accepting or self._stop.is_set() or self._rewind.is_set():
+                    break
+                # A slow site: keep the source connection alive while we wait for it.
+                if time.monotonic() - last_status >= STATUS_INTERVAL:
+                    self._send_status(stream)
+                    last_status = time.monotonic()
+
+    def _broadcast(self, item: WorkItem) -> None:
+        for w in self.workers:
+            w.put(item, timeout=5)
+
+    def _final_confirm(self) -> None:
+        flush = self.flush_position()
+        if flush <= self.confirmed_lsn:
+            return
+        stream = ReplicationStream(self.settings.source.dsn, self.settings.source.slot,
+                                   self.settings.source.publication)
+        try:
+            stream.open(Lsn(0))
+            stream.send_status(flush, flush, flush)
+            self.confirmed_lsn = flush
+        except CdcSyncError as exc:
+            log.warning("could not confirm %s to the source at shutdown: %s", flush, exc)
+        finally:
+            stream.close()
+
+
+def _table_filter(source_tables: list[str], site_tables: list[str] | None) -> Callable[[Table], bool]:
+    patterns = site_tables if site_tables is not None else source_tables
+
+    def wants(table: Table) -> bool:
+        return table_matches(patterns, table.qualified)
+
+    return wants

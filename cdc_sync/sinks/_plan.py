@@ -1,0 +1,106 @@
+"""Split a chunk of changes into runs that one set-based statement can apply.
+
+A run is a maximal sequence of consecutive changes to the same table with the same operation
+(and, for updates, the same set of columns sent) in which no row key occurs twice. Applying a
+run as one statement then has the same effect as applying its changes one by one, in order:
+the changes touch disjoint rows. Pure functions, no I/O; this loop runs once per row change,
+so it is written for speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ..changes import UNCHANGED_TOAST, Change, Op, Table
+from ..protocol import TupleData
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Consecutive changes of one `op` to one `table`; `columns` are the indexes an update sets."""
+
+    op: Op
+    table: Table | None
+    changes: tuple[Change, ...]
+    columns: tuple[int, ...] = ()
+
+
+def sent_columns(new: TupleData) -> tuple[int, ...]:
+    """Indexes of the columns whose value was sent (not an unchanged TOAST placeholder)."""
+    return tuple(i for i, v in enumerate(new) if v is not UNCHANGED_TOAST)
+
+
+def _has_placeholder(values: TupleData) -> bool:
+    return any(v is UNCHANGED_TOAST for v in values)
+
+
+def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Iterator[Run]:
+    """Yield runs in order. `keys` maps a table oid to the column indexes identifying a row
+    on the site; a table absent from `keys` is keyless: each of its row changes is its own run.
+    """
+    current: list[Change] = []
+    cur_op: Op | None = None
+    cur_table: Table | None = None
+    cur_cols: tuple[int, ...] = ()
+    seen: set[object] = set()
+    INSERT, UPDATE, DELETE = Op.INSERT, Op.UPDATE, Op.DELETE
+
+    for ch in changes:
+        op, table = ch.op, ch.table
+        if table is None or op is Op.TRUNCATE or op is Op.MESSAGE:
+            if current:
+                yield Run(cur_op or op, cur_table, tuple(current), cur_cols)
+                current, seen = [], set()
+            cur_op, cur_table, cur_cols = op, None, ()
+            yield Run(op, table, (ch,))
+            continue
+        key = keys.get(table.oid)
+        cols: tuple[int, ...] = ()
+        if op is UPDATE:
+            new = ch.new
+            assert new is not None
+            cols = sent_columns(new) if _has_placeholder(new) else _all_columns(table)
+        if key is None:
+            if current:
+                yield Run(cur_op or op, cur_table, tuple(current), cur_cols)
+                current, seen = [], set()
+            cur_op, cur_table, cur_cols = op, table, cols
+            yield Run(op, table, (ch,), cols)
+            continue
+        # Row identity: the key value itself for one-column keys, else a tuple.
+        if op is INSERT:
+            vals = ch.new
+        elif op is DELETE:
+            vals = ch.old
+        else:
+            vals = ch.new
+        assert vals is not None
+        k1: object = vals[key[0]] if len(key) == 1 else tuple(vals[i] for i in key)
+        k2: object = k1
+        if op is UPDATE and ch.old is not None:
+            old = ch.old
+            k2 = old[key[0]] if len(key) == 1 else tuple(old[i] for i in key)
+        if not (current and op is cur_op and table is cur_table and cols == cur_cols
+                and k1 not in seen and k2 not in seen):
+            if current:
+                yield Run(cur_op or op, cur_table, tuple(current), cur_cols)
+            current, seen = [], set()
+            cur_op, cur_table, cur_cols = op, table, cols
+        current.append(ch)
+        seen.add(k1)
+        if k2 is not k1:
+            seen.add(k2)
+    if current:
+        yield Run(cur_op or Op.MESSAGE, cur_table, tuple(current), cur_cols)
+
+
+_ALL: dict[int, tuple[int, ...]] = {}
+
+
+def _all_columns(table: Table) -> tuple[int, ...]:
+    n = len(table.columns)
+    cols = _ALL.get(n)
+    if cols is None:
+        cols = _ALL[n] = tuple(range(n))
+    return cols

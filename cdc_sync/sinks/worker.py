@@ -1,0 +1,273 @@
+"""`SiteWorker`: one thread per site applying the shared item stream at the site's own pace.
+
+Contract:
+- The pipeline `put`s every item (`TxBegin`/`TxChanges`/`TxCommit`, `Keepalive`, `Reset`) to
+  every worker in stream order. The queue is bounded: a slow site makes `put` wait; a site that
+  is down does not accept items at all (they are dropped, the slot keeps them).
+- Transactions whose commit LSN is below what the site already holds are skipped, so a
+  transaction is applied at most once; because progress is committed with the rows, at least
+  once too.
+- Several small source transactions share one target transaction (until the queue is empty or
+  `group_max_changes`/`group_max_seconds` are reached); a huge one is applied chunk by chunk in
+  one target transaction.
+- `durable_lsn` only ever grows and only to positions committed on the site (or, on an idle
+  stream, to the keepalive position when nothing is pending): the pipeline confirms the
+  minimum over all workers to the source.
+- When a site connection fails, the worker reconnects with backoff, then calls `on_rewind` and
+  ignores items until the next `Reset`: the pipeline restarts the stream from the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import psycopg
+
+from ..changes import Table, TxBegin, TxChanges, TxCommit, TxItem
+from ..errors import CdcSyncError, mask_dsn
+from ..protocol import Lsn
+from .site import SiteWriter, connect_site
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_ITEMS: Final = 16
+DEFAULT_GROUP_MAX_CHANGES: Final = 20_000
+DEFAULT_GROUP_MAX_SECONDS: Final = 0.5
+BACKOFF_INITIAL: Final = 0.5
+BACKOFF_MAX: Final = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """The stream is between transactions and the source has sent everything up to `wal_end`."""
+
+    wal_end: Lsn
+
+
+class Reset:
+    """The stream restarts: forget anything not yet committed on the site."""
+
+
+class _Stop:
+    pass
+
+
+RESET: Final = Reset()
+_STOP: Final = _Stop()
+
+WorkItem = TxItem | Keepalive | Reset | _Stop
+
+
+class SiteWorker(threading.Thread):
+    """Applies the stream to one site (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        dsn: str,
+        source: str,
+        *,
+        wants: Callable[[Table], bool] | None = None,
+        on_rewind: Callable[[SiteWorker], None] | None = None,
+        queue_items: int = DEFAULT_QUEUE_ITEMS,
+        group_max_changes: int = DEFAULT_GROUP_MAX_CHANGES,
+        group_max_seconds: float = DEFAULT_GROUP_MAX_SECONDS,
+        on_applied: Callable[[SiteWorker, int, float], None] | None = None,
+    ) -> None:
+        super().__init__(name=f"site-{name}", daemon=True)
+        self.site = name
+        self.dsn = dsn
+        self.source = source
+        self.wants = wants
+        self.on_rewind = on_rewind or (lambda _w: None)
+        self.on_applied = on_applied or (lambda _w, _n, _s: None)
+        self.group_max_changes = group_max_changes
+        self.group_max_seconds = group_max_seconds
+        self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=queue_items)
+        self.durable_lsn: Lsn | None = None
+        self.last_commit_ts: datetime | None = None
+        self.applied_changes = 0
+        self.connected = False
+        self.last_error: str | None = None
+        self._accepting = False
+        self._awaiting_reset = False
+        self._stopping = threading.Event()
+        self.ready = threading.Event()
+
+    # -- producer side --------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def put(self, item: WorkItem, timeout: float | None = None) -> bool:
+        """Queue `item`; False if the site is not accepting or the queue stayed full."""
+        if not self._accepting:
+            return False
+        try:
+            self.queue.put(item, timeout=timeout)
+        except queue.Full:
+            return False
+        return True
+
+    def idle(self) -> bool:
+        return self.queue.empty()
+
+    def stop(self) -> None:
+        """Ask the worker to commit what is complete and exit."""
+        self._stopping.set()
+        try:
+            self.queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
+
+    # -- consumer side --------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = BACKOFF_INITIAL
+        first = True
+        while not self._stopping.is_set():
+            try:
+                writer = SiteWriter(connect_site(self.dsn, application_name=f"cdc_sync:{self.source}"),
+                                    self.source, wants=self.wants)
+            except psycopg.Error as exc:
+                self._down(f"cannot connect: {exc}")
+                self._sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            try:
+                applied, _snap = writer.read_progress()
+                self.durable_lsn = max(self.durable_lsn or applied, applied)
+                self.connected = True
+                self.last_error = None
+                if not first:
+                    # Items were dropped while we were away: have the stream replayed.
+                    self._awaiting_reset = True
+                    self._drain()
+                    self._accepting = True
+                    self.on_rewind(self)
+                else:
+                    self._accepting = True
+                first = False
+                self.ready.set()
+                backoff = BACKOFF_INITIAL
+                self._loop(writer)
+                if self._stopping.is_set():
+                    break
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._down(f"connection lost: {exc}")
+            except (psycopg.Error, CdcSyncError) as exc:
+                self._down(f"apply failed: {exc}")
+            finally:
+                try:
+                    writer.conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
+                    pass
+            self._sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+        self.connected = False
+
+    def _down(self, reason: str) -> None:
+        self._accepting = False
+        self.connected = False
+        self.last_error = mask_dsn(" ".join(reason.split()))
+        log.warning("site %s: %s; retrying", self.site, self.last_error)
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                item = self.queue.get_nowait()
+                if isinstance(item, _Stop):
+                    self._stopping.set()
+        except queue.Empty:
+            pass
+
+    def _sleep(self, seconds: float) -> None:
+        self._stopping.wait(seconds * (0.5 + random.random() / 2))
+
+    def _loop(self, writer: SiteWriter) -> None:
+        accepted = self.durable_lsn or Lsn(0)
+        in_src_tx = skipping = False
+        pending: tuple[Lsn, datetime] | None = None
+        pending_keepalive: Lsn | None = None
+        target_changes = 0
+        target_started = 0.0
+
+        def commit_target() -> None:
+            nonlocal pending, pending_keepalive, target_changes
+            if pending is not None:
+                writer.commit(pending[0], pending[1])
+                self.durable_lsn = pending[0]
+                self.last_commit_ts = pending[1]
+                self.on_applied(self, target_changes, time.monotonic() - target_started)
+                self.applied_changes += target_changes
+            else:
+                writer.rollback()
+            if pending_keepalive is not None and self.durable_lsn is not None:
+                self.durable_lsn = max(self.durable_lsn, pending_keepalive)
+            pending, pending_keepalive, target_changes = None, None, 0
+
+        while True:
+            timeout = None
+            if writer.in_transaction and not in_src_tx:
+                timeout = max(0.0, target_started + self.group_max_seconds - time.monotonic())
+            try:
+                item = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                commit_target()
+                continue
+            if isinstance(item, _Stop):
+                if writer.in_transaction and not in_src_tx:
+                    commit_target()
+                writer.rollback()
+                return
+            if isinstance(item, Reset):
+                writer.rollback()
+                self._awaiting_reset = False
+                in_src_tx = skipping = False
+                pending = pending_keepalive = None
+                target_changes = 0
+                accepted = self.durable_lsn or Lsn(0)
+                continue
+            if self._awaiting_reset:
+                continue
+            if isinstance(item, TxBegin):
+                if item.commit_lsn < accepted:
+                    skipping = True
+                    continue
+                in_src_tx = True
+                if not writer.in_transaction:
+                    writer.begin()
+                    target_started = time.monotonic()
+            elif isinstance(item, TxChanges):
+                if in_src_tx:
+                    target_changes += writer.apply(item.changes)
+            elif isinstance(item, TxCommit):
+                if skipping:
+                    skipping = False
+                    continue
+                if not in_src_tx:
+                    continue
+                in_src_tx = False
+                accepted = item.end_lsn
+                pending = (item.end_lsn, item.commit_ts)
+                if (
+                    self.queue.empty()
+                    or target_changes >= self.group_max_changes
+                    or time.monotonic() - target_started >= self.group_max_seconds
+                ):
+                    commit_target()
+            elif isinstance(item, Keepalive):
+                if in_src_tx or skipping:
+                    continue
+                if writer.in_transaction:
+                    pending_keepalive = item.wal_end
+                elif self.durable_lsn is not None and item.wal_end > self.durable_lsn:
+                    self.durable_lsn = item.wal_end

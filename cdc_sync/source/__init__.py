@@ -1,0 +1,1 @@
+"""The source side: the replication stream, the source catalog, slot, publication, snapshot."""

@@ -1,0 +1,180 @@
+"""`ReplicationStream`: pgoutput over the streaming-replication protocol on psycopg 3's `pq`.
+
+psycopg has no replication API; a `replication="database"` connection runs START_REPLICATION
+and the COPY_BOTH stream is read with `pgconn.get_copy_data(1)` (non-blocking) and written with
+`put_copy_data` / `flush`, waiting on the socket in between. This module only moves frames:
+`read` returns decoded `XLogData` / `PrimaryKeepalive` frames, `send_status` reports
+positions. It never acknowledges anything on its own: the caller decides what is flushed.
+
+Connection problems raise `StreamLost` (retry), a slot used by another process `SlotBusy`,
+anything the server refuses for good `SourceError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import psycopg
+from psycopg import pq
+
+from ..errors import SourceError, mask_dsn
+from ..protocol import (
+    Lsn,
+    PrimaryKeepalive,
+    ProtocolError,
+    XLogData,
+    datetime_to_pg_timestamp,
+    decode_copy_data,
+    encode_standby_status,
+)
+from ..sinks.site import SESSION_OPTIONS
+
+log = logging.getLogger(__name__)
+
+MAX_FRAMES_PER_READ: Final = 2000
+CONNECT_TIMEOUT: Final = 10
+
+
+class StreamLost(SourceError):
+    """The replication connection failed or was closed; reconnecting may help."""
+
+
+class SlotBusy(SourceError):
+    """The replication slot is in use by another process."""
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def replication_connect(dsn: str) -> psycopg.Connection[Any]:
+    """A `replication=database` connection with our session settings; errors are one line."""
+    try:
+        return psycopg.connect(
+            dsn, replication="database", autocommit=True, options=SESSION_OPTIONS,
+            connect_timeout=CONNECT_TIMEOUT, application_name="cdc_sync",
+        )
+    except psycopg.OperationalError as exc:
+        raise StreamLost(f"source: {describe_connect_error(dsn, exc)}") from exc
+
+
+def describe_connect_error(dsn: str, exc: BaseException) -> str:
+    """One line naming host:port/db and the server's reason, without a password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        info = {}
+    where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    reason = " ".join(str(exc).split())
+    return mask_dsn(f"{where}: {reason}")
+
+
+class ReplicationStream:
+    """One START_REPLICATION session (see the module docstring)."""
+
+    def __init__(self, dsn: str, slot: str, publication: str, *, origin_none: bool = False) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.origin_none = origin_none
+        self._conn: psycopg.Connection[Any] | None = None
+        self.server_version = 0
+
+    def open(self, start: Lsn = Lsn(0)) -> None:
+        conn = replication_connect(self.dsn)
+        self._conn = conn
+        self.server_version = conn.info.server_version
+        options = [
+            "proto_version '1'",
+            f"publication_names {quote_literal(quote_ident(self.publication))}",
+            "messages 'true'",
+        ]
+        if self.origin_none and self.server_version >= 160000:
+            options.append("origin 'none'")
+        cmd = (f"START_REPLICATION SLOT {quote_ident(self.slot)} LOGICAL {start} "
+               f"({', '.join(options)})")
+        pg = conn.pgconn
+        pg.send_query(cmd.encode())
+        deadline = time.monotonic() + CONNECT_TIMEOUT * 3
+        while True:
+            pg.consume_input()
+            if not pg.is_busy():
+                break
+            if time.monotonic() > deadline:
+                self.close()
+                raise StreamLost("source: START_REPLICATION did not answer")
+            select.select([pg.socket], [], [], 1.0)
+        res = pg.get_result()
+        if res is None or res.status != pq.ExecStatus.COPY_BOTH:
+            msg = (res.error_message if res is not None else pg.error_message).decode(
+                "utf-8", "replace")
+            self.close()
+            msg = " ".join(msg.split())
+            if "is active for PID" in msg:
+                raise SlotBusy(f"source: replication slot {self.slot!r} is already in use by "
+                               f"another process ({msg})")
+            if "does not exist" in msg:
+                raise SourceError(f"source: {msg} (run `cdc-sync init`)")
+            raise StreamLost(f"source: START_REPLICATION failed: {msg}")
+        pg.nonblocking = 1
+        log.info("streaming from slot %s at %s", self.slot, start)
+
+    def read(self, timeout: float) -> list[XLogData | PrimaryKeepalive]:
+        """Frames available now, waiting up to `timeout` seconds for the first one."""
+        pg = self._pgconn()
+        frames: list[XLogData | PrimaryKeepalive] = []
+        waited = False
+        try:
+            while len(frames) < MAX_FRAMES_PER_READ:
+                n, data = pg.get_copy_data(1)
+                if n > 0:
+                    frames.append(decode_copy_data(data))
+                    continue
+                if n == 0:
+                    if frames or waited:
+                        break
+                    ready, _, _ = select.select([pg.socket], [], [], timeout)
+                    waited = True
+                    if not ready:
+                        break
+                    pg.consume_input()
+                    continue
+                res = pg.get_result()
+                msg = res.error_message.decode("utf-8", "replace") if res else ""
+                raise StreamLost(f"source: replication stream ended {' '.join(msg.split())}")
+        except psycopg.OperationalError as exc:
+            raise StreamLost(f"source: replication connection lost: {exc}") from exc
+        except ProtocolError as exc:
+            raise StreamLost(f"source: malformed replication data: {exc}") from exc
+        return frames
+
+    def send_status(self, write: Lsn, flush: Lsn, apply: Lsn, *, reply: bool = False) -> None:
+        pg = self._pgconn()
+        now = datetime_to_pg_timestamp(datetime.now(UTC))
+        try:
+            pg.put_copy_data(encode_standby_status(write, flush, apply, now, reply))
+            while pg.flush() == 1:
+                select.select([], [pg.socket], [], 1.0)
+        except psycopg.OperationalError as exc:
+            raise StreamLost(f"source: replication connection lost: {exc}") from exc
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close any way
+                pass
+
+    def _pgconn(self) -> pq.abc.PGconn:
+        if self._conn is None:
+            raise StreamLost("source: replication stream is not open")
+        return self._conn.pgconn
