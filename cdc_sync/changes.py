@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 5000
-_NOTHING: list[TxItem] = []  # shared empty result of `feed`; callers only iterate it
 
 
 class Op(enum.Enum):
@@ -201,7 +200,7 @@ class Assembler:
                 chunk = TxChanges(tuple(self._pending))
                 self._pending = []
                 return [chunk]
-            return _NOTHING
+            return []
         out: list[TxItem] = []
         if isinstance(msg, Begin):
             if self._begin is not None:

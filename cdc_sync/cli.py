@@ -7,7 +7,6 @@ stderr with a non-zero exit status; `--debug` re-raises with the traceback.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from .changes import Assembler, Table, TxBegin, TxCommit, TxItem
+from .changes import DEFAULT_CHUNK_SIZE, Assembler, Table, TxBegin, TxCommit, TxItem
 from .config import Settings, table_matches
 from .errors import CdcSyncError
 from .protocol import Commit, Lsn, PrimaryKeepalive, XLogData, decode_message
@@ -144,7 +144,7 @@ class Pipeline:
 
     def _stream(self, stream: ReplicationStream) -> bool:
         """Stream until stop or rewind; return whether a source transaction was open."""
-        assembler = Assembler(**({"chunk_size": self.chunk_size} if self.chunk_size else {}))
+        assembler = Assembler(chunk_size=self.chunk_size or DEFAULT_CHUNK_SIZE)
         forward = self.settings.source.forward_origins
         skipping = False
         last_status = 0.0

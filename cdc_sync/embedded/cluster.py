@@ -31,9 +31,11 @@ and the cluster's directory belongs to it. pgserver's binaries inside a director
 cannot reach (a virtualenv under ``/root``) are copied once into a world-readable cache
 (``CDC_SYNC_CACHE_DIR``, default ``$TMPDIR/cdc_sync-<uid>``).
 
-A pristine ``initdb`` result is cached per server and copied for each new cluster (about twice
-as fast as ``initdb``). Clusters made from the same template share their system identifier;
-pass ``template=False`` for a unique one.
+A pristine ``initdb`` result is cached per server (in that cache) and copied for each new
+cluster: create+start takes about 0.2 s instead of 0.6 s on a tmpfs, 0.9 s instead of 1.4 s on
+an ext4 disk (creating initdb's thousand files is the cost: a ``base_dir`` on a tmpfs such as
+``/dev/shm`` is the fast choice). Clusters copied from the same template share their system
+identifier; pass ``template=False`` for a unique one.
 
 Failures raise ``ClusterError`` (a ``CdcSyncError``): one line saying what failed and where,
 with the tail of the server log when the server would not start.

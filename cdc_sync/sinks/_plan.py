@@ -32,7 +32,8 @@ def sent_columns(new: TupleData) -> tuple[int, ...]:
 
 
 def _has_placeholder(values: TupleData) -> bool:
-    return any(v is UNCHANGED_TOAST for v in values)
+    # `in` compares in C (identity first); far cheaper than a generator over the values.
+    return UNCHANGED_TOAST in values
 
 
 def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Iterator[Run]:

@@ -31,7 +31,7 @@ class SiteTable:
     upsert: bool
 
     @property
-    def ident(self) -> sql.Composed:
+    def ident(self) -> sql.Identifier:
         return sql.Identifier(self.table.schema, self.table.name)
 
     def col(self, i: int) -> sql.Identifier:

@@ -21,7 +21,13 @@ import psycopg
 
 from ..changes import Change, Op, Table
 from ..errors import SiteError
-from ..protocol import INVALID_LSN, TRUNCATE_CASCADE, TRUNCATE_RESTART_IDENTITY, Lsn, ReplicaIdentity
+from ..protocol import (
+    INVALID_LSN,
+    TRUNCATE_CASCADE,
+    TRUNCATE_RESTART_IDENTITY,
+    Lsn,
+    ReplicaIdentity,
+)
 from . import _sql
 from ._plan import Run, plan_runs, sent_columns
 from ._sql import SiteTable
@@ -35,6 +41,11 @@ SESSION_OPTIONS = (
     "-c bytea_output=hex"
 )
 
+# Site sessions only: the set-based statements join a few thousand unnest() rows to the table
+# on its key. The planner estimates function scans poorly and would hash-join against a scan
+# of the whole table; an index nested loop is what we want, whatever the table's size.
+SITE_SESSION_OPTIONS = SESSION_OPTIONS + " -c enable_hashjoin=off -c enable_mergejoin=off"
+
 TableFilter = Callable[[Table], bool]
 
 
@@ -45,7 +56,7 @@ def connect_site(dsn: str, *, application_name: str = "cdc_sync") -> psycopg.Con
     allowed (superuser), so site triggers and foreign keys do not fire on replicated rows.
     """
     conn = psycopg.connect(
-        dsn, autocommit=False, options=SESSION_OPTIONS, application_name=application_name,
+        dsn, autocommit=False, options=SITE_SESSION_OPTIONS, application_name=application_name,
         connect_timeout=10,
     )
     try:
@@ -165,8 +176,8 @@ class SiteWriter:
         for ch in run.changes:
             if ch.op is Op.INSERT:
                 assert ch.new is not None
-                cols = range(len(st.table.columns))
-                cur.execute(_sql.insert_sql(st, cols, False), [[ch.new[i]] for i in cols])
+                every = range(len(st.table.columns))
+                cur.execute(_sql.insert_sql(st, every, False), [[ch.new[i]] for i in every])
                 continue
             assert ch.old is not None
             match = sent_columns(ch.old)

@@ -38,7 +38,7 @@ from .site import SiteWriter, connect_site
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_ITEMS: Final = 16
+DEFAULT_QUEUE_ITEMS: Final = 32
 DEFAULT_GROUP_MAX_CHANGES: Final = 20_000
 DEFAULT_GROUP_MAX_SECONDS: Final = 0.5
 BACKOFF_INITIAL: Final = 0.5
@@ -167,7 +167,7 @@ class SiteWorker(threading.Thread):
             finally:
                 try:
                     writer.conn.close()
-                except Exception:  # noqa: BLE001 - closing a broken connection may fail any way
+                except Exception:
                     pass
             self._sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)

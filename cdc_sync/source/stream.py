@@ -23,6 +23,7 @@ from psycopg import pq
 
 from ..errors import SourceError, mask_dsn
 from ..protocol import (
+    INVALID_LSN,
     Lsn,
     PrimaryKeepalive,
     ProtocolError,
@@ -88,7 +89,7 @@ class ReplicationStream:
         self._conn: psycopg.Connection[Any] | None = None
         self.server_version = 0
 
-    def open(self, start: Lsn = Lsn(0)) -> None:
+    def open(self, start: Lsn = INVALID_LSN) -> None:
         conn = replication_connect(self.dsn)
         self._conn = conn
         self.server_version = conn.info.server_version
@@ -171,7 +172,7 @@ class ReplicationStream:
         if conn is not None:
             try:
                 conn.close()
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close any way
+            except Exception:
                 pass
 
     def _pgconn(self) -> pq.abc.PGconn:
