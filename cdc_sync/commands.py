@@ -264,12 +264,17 @@ def status(settings: Settings) -> dict[str, Any]:
                 row = conn.execute(
                     "SELECT applied_lsn::text, commit_ts FROM cdc_sync.progress "
                     "WHERE source = %s", (src_cfg.name,)).fetchone()
+                counts = conn.execute(
+                    "SELECT (SELECT count(*) FROM cdc_sync.dead_letters WHERE NOT resolved), "
+                    "(SELECT count(*) FROM cdc_sync.conflicts)").fetchone()
         except (CdcSyncError, psycopg.Error) as exc:
             entry["error"] = str(exc) if isinstance(exc, CdcSyncError) else (
                 f"site {site.name}: {' '.join(str(exc).split())}")
             sites.append(entry)
             continue
         entry["reachable"] = True
+        if counts is not None:
+            entry["dead_letters"], entry["conflicts"] = int(counts[0]), int(counts[1])
         if row is not None:
             applied = Lsn.parse(row[0])
             # Every site holds at least what the slot has confirmed (we confirm the minimum).
@@ -283,6 +288,13 @@ def status(settings: Settings) -> dict[str, Any]:
             elif row[1] is not None:
                 entry["lag_seconds"] = round(max(0.0, (now_row[1] - row[1]).total_seconds()), 3)
         sites.append(entry)
+    limit = src_cfg.max_retained_bytes
+    if source["retained_bytes"] is not None and source["retained_bytes"] > limit:
+        behind = [s for s in sites if s.get("applied_lsn")]
+        laggard = min(behind, key=lambda s: Lsn.parse(s["applied_lsn"]))["name"] if behind else "?"
+        source["warning"] = (f"slot retains {source['retained_bytes']} bytes of WAL, over "
+                             f"max_retained_bytes {limit}; held back by site {laggard}")
+        log.warning("%s", source["warning"])
     return {"source": source, "sites": sites}
 
 
@@ -306,3 +318,108 @@ def teardown(settings: Settings) -> list[str]:
             src.execute(sql.SQL("DROP PUBLICATION {}").format(sql.Identifier(src_cfg.publication)))
             dropped.append(f"publication {src_cfg.publication}")
     return dropped
+
+
+# -- conflicts and dead letters ------------------------------------------------------------
+
+def _sites(settings: Settings, name: str | None) -> list[SiteSettings]:
+    return [settings.site(name)] if name else list(settings.sites)
+
+
+def conflicts(settings: Settings, *, site: str | None = None, limit: int = 50
+              ) -> list[dict[str, Any]]:
+    """The newest conflicts resolved at each site (newest first)."""
+    out: list[dict[str, Any]] = []
+    for s in _sites(settings, site):
+        with connect_site_checked(s, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT id, source, table_name, kind, key, local_row, incoming_row, strategy, "
+                "outcome, lsn::text, commit_ts, detected_at FROM cdc_sync.conflicts "
+                "ORDER BY id DESC LIMIT %s", (limit,)).fetchall()
+        for r in rows:
+            out.append({"site": s.name, "id": r[0], "source": r[1], "table": r[2], "kind": r[3],
+                        "key": r[4], "local_row": r[5], "incoming_row": r[6], "strategy": r[7],
+                        "outcome": r[8], "lsn": r[9], "commit_ts": _iso(r[10]),
+                        "detected_at": _iso(r[11])})
+    return out
+
+
+def dead_letters(settings: Settings, *, site: str | None = None, include_resolved: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Changes the sites rejected and set aside (oldest first)."""
+    out: list[dict[str, Any]] = []
+    for s in _sites(settings, site):
+        with connect_site_checked(s, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT id, source, table_name, op, key, row_data, old_row, lsn::text, commit_ts, "
+                "error, sqlstate, created_at, retried_at, resolved FROM cdc_sync.dead_letters "
+                "WHERE resolved = false OR %s ORDER BY id", (include_resolved,)).fetchall()
+        for r in rows:
+            out.append({"site": s.name, "id": r[0], "source": r[1], "table": r[2], "op": r[3],
+                        "key": r[4], "row": r[5], "old": r[6], "lsn": r[7],
+                        "commit_ts": _iso(r[8]), "error": r[9], "sqlstate": r[10],
+                        "created_at": _iso(r[11]), "retried_at": _iso(r[12]),
+                        "resolved": r[13]})
+    return out
+
+
+@dataclass
+class RetryReport:
+    resolved: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def retry_dead_letters(settings: Settings, *, site: str | None = None, ids: list[int] | None = None
+                       ) -> dict[str, RetryReport]:
+    """Re-apply dead letters from the source's current row: the newest state wins.
+
+    For each unresolved dead letter (or those in `ids`) the row with its key is read from the
+    source now; if it exists it is upserted on the site, else the site's row is deleted. A
+    success marks the dead letter resolved; a failure records the new error.
+    """
+    reports: dict[str, RetryReport] = {}
+    with connect_source(settings.source.dsn) as src:
+        for s in _sites(settings, site):
+            report = reports.setdefault(s.name, RetryReport())
+            with connect_site_checked(s) as conn:
+                rows = conn.execute(
+                    "SELECT id, table_name, key FROM cdc_sync.dead_letters WHERE NOT resolved "
+                    "AND source = %s AND (%s::bigint[] IS NULL OR id = ANY(%s)) ORDER BY id",
+                    (settings.source.name, ids, ids)).fetchall()
+                conn.commit()
+                for dl_id, table_name, key in rows:
+                    try:
+                        _resync_key(src, conn, table_name, key)
+                        conn.execute("UPDATE cdc_sync.dead_letters SET resolved = true, "
+                                     "retried_at = now() WHERE id = %s", (dl_id,))
+                        conn.commit()
+                        report.resolved.append(dl_id)
+                    except (psycopg.Error, CdcSyncError) as exc:
+                        conn.rollback()
+                        msg = " ".join(str(exc).split())
+                        conn.execute("UPDATE cdc_sync.dead_letters SET retried_at = now(), "
+                                     "error = %s WHERE id = %s", (msg, dl_id))
+                        conn.commit()
+                        report.failed[dl_id] = msg
+    return reports
+
+
+def _resync_key(src: psycopg.Connection[Any], dst: psycopg.Connection[Any], table_name: str,
+                key: dict[str, Any] | None) -> None:
+    if not key or "." not in table_name or "," in table_name:
+        raise SiteError(f"dead letter for {table_name} has no key to re-read; fix it by hand")
+    schema, _, name = table_name.partition(".")
+    t = catalog.describe_table(src, schema, name)
+    cols = t.copy_columns
+    ident = t.ident
+    where = sql.SQL(" AND ").join(sql.SQL("{}::text = %s").format(sql.Identifier(k)) for k in key)
+    row = src.execute(sql.SQL("SELECT {} FROM {} WHERE {}").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in cols),
+        ident, where), list(key.values())).fetchone()
+    dst.execute(sql.SQL("DELETE FROM {} WHERE {}").format(ident, where), list(key.values()))
+    if row is not None:
+        types = {c.name: c.type_sql for c in t.columns}
+        dst.execute(sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            ident, sql.SQL(", ").join(sql.Identifier(c) for c in cols),
+            sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(types[c])) for c in cols)),
+            list(row))

@@ -19,14 +19,20 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
-from .changes import DEFAULT_CHUNK_SIZE, Assembler, Table, TxBegin, TxCommit, TxItem
-from .config import Settings, table_matches
+from .changes import DEFAULT_CHUNK_SIZE, Assembler, Change, Table, TxBegin, TxCommit, TxItem
+from .config import Settings, SiteSettings, table_matches
 from .errors import CdcSyncError
-from .protocol import Commit, Lsn, PrimaryKeepalive, XLogData, decode_message
+from .events import outbox_rows
+from .protocol import Commit, Lsn, Message, PrimaryKeepalive, XLogData, decode_message
+from .resolve import Resolver, make_resolver
+from .sinks._resolving import origin_name
+from .sinks.listeners import Listener, ListenerThread
+from .sinks.site import SiteOptions
 from .sinks.worker import RESET, Keepalive, SiteWorker, WorkItem
+from .source.monitor import HEARTBEAT_PREFIX, SourceMonitor
 from .source.stream import ReplicationStream, SlotBusy, StreamLost
 
 log = logging.getLogger(__name__)
@@ -36,13 +42,16 @@ KEEPALIVE_DISPATCH_INTERVAL: Final = 0.5
 RECONNECT_INITIAL: Final = 0.5
 RECONNECT_MAX: Final = 10.0
 SLOT_BUSY_PATIENCE: Final = 30.0
+SLOW_SITE_SECONDS: Final = 10.0
+RETENTION_CHECK_INTERVAL: Final = 30.0
 
 
 class Pipeline:
     """Streams the source of `settings` into all its sites until `stop()` (see module doc)."""
 
     def __init__(self, settings: Settings, *, chunk_size: int | None = None,
-                 on_applied: Callable[[SiteWorker, int, float], None] | None = None) -> None:
+                 on_applied: Callable[[SiteWorker, int, float], None] | None = None,
+                 listeners: Sequence[Listener] = ()) -> None:
         self.settings = settings
         self.chunk_size = chunk_size
         self._stop = threading.Event()
@@ -54,12 +63,16 @@ class Pipeline:
         self.workers = [
             SiteWorker(
                 site.name, site.dsn, settings.source.name,
-                wants=_table_filter(settings.source.tables, site.tables),
                 on_rewind=self._request_rewind,
                 on_applied=on_applied,
+                options=site_options(settings, site),
+                group_transactions=not uses_commit_time(settings),
             )
             for site in settings.sites
         ]
+        self.monitor = SourceMonitor(settings.source.dsn, settings.source.slot)
+        self.retained_bytes: int | None = None
+        self.listeners = [ListenerThread(fn, name=f"listener-{i}") for i, fn in enumerate(listeners)]
 
     # -- control --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -82,6 +95,8 @@ class Pipeline:
 
     # -- main loop ------------------------------------------------------------------------
     def run(self) -> None:
+        for lt in self.listeners:
+            lt.start()
         for w in self.workers:
             w.start()
         for w in self.workers:
@@ -122,6 +137,7 @@ class Pipeline:
         finally:
             self._stop_workers()
             self._final_confirm()
+            self.monitor.close()
 
     def _note_error(self, exc: CdcSyncError) -> None:
         self.last_error = str(exc)
@@ -141,6 +157,10 @@ class Pipeline:
         for w in self.workers:
             if w.is_alive():
                 w.join(timeout=60)
+        for lt in self.listeners:
+            if lt.is_alive():
+                lt.stop()
+                lt.join(timeout=10)
 
     def _stream(self, stream: ReplicationStream) -> bool:
         """Stream until stop or rewind; return whether a source transaction was open."""
@@ -149,12 +169,16 @@ class Pipeline:
         skipping = False
         last_status = 0.0
         last_keepalive_dispatch = 0.0
+        last_data = last_check = time.monotonic()
         try:
             while not self._stop.is_set() and not self._rewind.is_set():
                 reply = False
                 for frame in stream.read(0.2):
                     if isinstance(frame, XLogData):
+                        last_data = time.monotonic()
                         msg = decode_message(frame.data)
+                        if type(msg) is Message and msg.prefix == HEARTBEAT_PREFIX:
+                            continue  # only there to make the slot advance (see monitor)
                         for item in assembler.feed(msg):
                             if isinstance(item, TxBegin):
                                 skipping = item.origin is not None and not forward
@@ -178,9 +202,35 @@ class Pipeline:
                 if reply or now - last_status >= STATUS_INTERVAL:
                     self._send_status(stream)
                     last_status = now
+                if now - last_data >= self.settings.source.heartbeat_seconds:
+                    self.monitor.heartbeat()
+                    last_data = now
+                if now - last_check >= RETENTION_CHECK_INTERVAL:
+                    last_check = now
+                    self._check_retention()
         finally:
             in_tx = assembler.in_transaction
         return in_tx
+
+    def _check_retention(self) -> None:
+        retained = self.monitor.retained_bytes()
+        if retained is None:
+            return
+        self.retained_bytes = retained
+        limit = self.settings.source.max_retained_bytes
+        if retained > limit:
+            laggard = self.laggard()
+            log.warning("slot %s retains %d bytes of WAL (max_retained_bytes %d); held back by "
+                        "site %s", self.settings.source.slot, retained, limit,
+                        laggard.site if laggard else "?")
+
+    def laggard(self) -> SiteWorker | None:
+        """The site with the lowest durable position: the one holding the slot back."""
+        known = [w for w in self.workers if w.durable_lsn is not None]
+        unknown = [w for w in self.workers if w.durable_lsn is None]
+        if unknown:
+            return unknown[0]
+        return min(known, key=lambda w: w.durable_lsn or 0) if known else None
 
     def _send_status(self, stream: ReplicationStream) -> None:
         flush = self.flush_position()
@@ -190,17 +240,26 @@ class Pipeline:
 
     def _dispatch(self, item: TxItem | Keepalive, stream: ReplicationStream) -> None:
         last_status = time.monotonic()
-        for w in self.workers:
+        for w in self._sinks():
+            blocked_since = time.monotonic()
             while not w.put(item, timeout=0.5):
                 if not w.accepting or self._stop.is_set() or self._rewind.is_set():
+                    break
+                if isinstance(w, SiteWorker) and time.monotonic() - blocked_since > SLOW_SITE_SECONDS:
+                    # A slow site must not stall the others: it leaves the stream and
+                    # replays it from the slot (which keeps its backlog) when it is ready.
+                    w.detach()
                     break
                 # A slow site: keep the source connection alive while we wait for it.
                 if time.monotonic() - last_status >= STATUS_INTERVAL:
                     self._send_status(stream)
                     last_status = time.monotonic()
 
+    def _sinks(self) -> list[SiteWorker | ListenerThread]:
+        return [*self.workers, *self.listeners]
+
     def _broadcast(self, item: WorkItem) -> None:
-        for w in self.workers:
+        for w in self._sinks():
             w.put(item, timeout=5)
 
     def _final_confirm(self) -> None:
@@ -217,6 +276,45 @@ class Pipeline:
             log.warning("could not confirm %s to the source at shutdown: %s", flush, exc)
         finally:
             stream.close()
+
+
+def uses_commit_time(settings: Settings) -> bool:
+    """Whether some table resolves conflicts on commit timestamps (no version column).
+
+    Then each source transaction gets its own target transaction, stamped with its commit time
+    through the replication origin, instead of several sharing one.
+    """
+    conf = settings.conflicts
+    policies = [(conf.strategy, conf.version_column)] + [
+        (t.strategy or conf.strategy, t.version_column or conf.version_column)
+        for t in conf.tables.values()]
+    return any(s in ("lww", "first_write_wins", "merge") and v is None for s, v in policies)
+
+
+def site_options(settings: Settings, site: SiteSettings) -> SiteOptions:
+    """How `site` applies this source: table filter, resolvers, outbox, replication origin."""
+    resolvers: dict[str, Resolver | None] = {}
+
+    def resolver_for(qualified: str) -> Resolver | None:
+        if qualified not in resolvers:
+            policy = settings.conflicts.for_table(qualified)
+            r = make_resolver(policy, site=site.name)
+            resolvers[qualified] = r if r.needs_local_rows else None
+        return resolvers[qualified]
+
+    outbox = None
+    if settings.outbox_site.name == site.name:
+        patterns = sorted({p for c in settings.connectors for p in c.tables}) or None
+
+        def outbox(source: str, begin: TxBegin, changes: Sequence[Change]) -> list[tuple[Any, ...]]:
+            return outbox_rows(source, begin, changes, tables=patterns)
+
+    return SiteOptions(
+        source=settings.source.name, site=site.name,
+        wants=_table_filter(settings.source.tables, site.tables),
+        resolver_for=resolver_for, outbox=outbox,
+        origin=origin_name(settings.source.name, site.name),
+    )
 
 
 def _table_filter(source_tables: list[str], site_tables: list[str] | None) -> Callable[[Table], bool]:

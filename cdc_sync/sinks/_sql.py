@@ -185,3 +185,15 @@ SITE_UNIQUE_INDEXES = sql.SQL(
     ORDER BY i.indisprimary DESC
     """
 )
+
+
+def existing_keys_sql(st: SiteTable) -> sql.Composed:
+    """The keys, among those given, that have a row on the site (as text)."""
+    keys = _aliases("k", len(st.key))
+    return sql.SQL(
+        "SELECT {cols} FROM {t} AS t JOIN unnest({params}) AS v({aliases}) ON {where}"
+    ).format(
+        cols=sql.SQL(", ").join(sql.SQL("v.{}").format(a) for a in keys),
+        t=st.ident, params=_params(len(keys)), aliases=sql.SQL(", ").join(keys),
+        where=_key_match(st, keys),
+    )

@@ -1,25 +1,35 @@
 """`SiteWriter`: applies chunks of changes to one site database inside one open transaction.
 
 Contract:
-- `begin()` opens the target transaction; `apply(changes)` applies a chunk set-based (one
-  statement per run, see `_plan`); `commit(lsn, ts)` writes the site's progress for `source`
-  in the same transaction and commits it: rows and progress become durable together, which is
-  what makes apply exactly-once. `rollback()` forgets everything since `begin()`.
-- Tables are matched by the source's schema and name; the site's own column types are used for
-  the casts. A source column missing on the site raises `SiteError` naming `table.column`.
-- psycopg errors propagate unchanged: the caller tells connection failures from data errors.
+- `begin()` opens the target transaction; `apply(changes, begin)` applies a chunk set-based
+  (one statement per run, see `_plan`); `commit(lsn, ts)` writes the site's progress for
+  `source` in the same transaction and commits it: rows and progress become durable together,
+  which is what makes apply exactly-once. `rollback()` forgets everything since `begin()`.
+- A change the site rejects for its data (constraint, invalid value, missing column…) does not
+  stop anything: the chunk is retried run by run inside savepoints, a failing run is bisected
+  down to the offending change, which is recorded in `cdc_sync.dead_letters` in the same
+  transaction; every other change of the chunk is applied. Connection and server failures
+  (`OperationalError`) propagate: the caller reconnects and the stream is replayed.
+- Tables whose conflict policy needs the local rows go through `_resolving.apply_resolved`;
+  the rest take the fast path (upserts; an update or key change of a row the site lacks is
+  written as an insert when the whole row was sent, and logged as a conflict).
+- With an outbox, one event row per change is written to `cdc_sync.outbox` in the same
+  transaction.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
 
-from ..changes import Change, Op, Table
+from ..changes import UNCHANGED_TOAST, Change, Op, Table, TxBegin
 from ..errors import SiteError
 from ..protocol import (
     INVALID_LSN,
@@ -30,6 +40,7 @@ from ..protocol import (
 )
 from . import _sql
 from ._plan import Run, plan_runs, sent_columns
+from ._rows import describe_change, key_dict
 from ._sql import SiteTable
 
 log = logging.getLogger(__name__)
@@ -47,6 +58,12 @@ SESSION_OPTIONS = (
 SITE_SESSION_OPTIONS = SESSION_OPTIONS + " -c enable_hashjoin=off -c enable_mergejoin=off"
 
 TableFilter = Callable[[Table], bool]
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """A rejection of the data itself, as opposed to a lost connection or a server failure."""
+    return isinstance(exc, psycopg.Error) and not isinstance(
+        exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
 def connect_site(dsn: str, *, application_name: str = "cdc_sync") -> psycopg.Connection[Any]:
@@ -67,21 +84,56 @@ def connect_site(dsn: str, *, application_name: str = "cdc_sync") -> psycopg.Con
     return conn
 
 
+@dataclass
+class SiteOptions:
+    """What a writer needs beyond its connection (see `SiteWriter`)."""
+
+    source: str
+    site: str = ""
+    wants: TableFilter = field(default=lambda _t: True)
+    # table "schema.table" -> resolver, or None for the fast path (source wins, no lookups)
+    resolver_for: Callable[[str], Any] = field(default=lambda _q: None)
+    outbox: Callable[[str, TxBegin, Sequence[Change]], list[tuple[Any, ...]]] | None = None
+    origin: str | None = None  # replication origin name tagging our writes
+
+
 class SiteWriter:
     """One site connection and the cache of its table descriptions (see module docstring)."""
 
-    def __init__(
-        self,
-        conn: psycopg.Connection[Any],
-        source: str,
-        *,
-        wants: TableFilter | None = None,
-    ) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], source: str, *,
+                 wants: TableFilter | None = None, options: SiteOptions | None = None) -> None:
         self.conn = conn
+        self.opts = options or SiteOptions(source=source)
         self.source = source
-        self.wants = wants or (lambda _t: True)
-        self._tables: dict[int, tuple[Table, SiteTable | None]] = {}
+        if wants is not None:
+            self.opts.wants = wants
+        self._tables: dict[int, tuple[Table, SiteTable | None | SiteError]] = {}
         self._in_tx = False
+        self._origin_ready = False
+        self.dead_letters = 0
+        self.conflicts = 0
+        if self.opts.origin:
+            self._setup_origin(self.opts.origin)
+
+    # -- replication origin -------------------------------------------------------------------
+    def _setup_origin(self, name: str) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT pg_replication_origin_oid(%s)", (name,))
+                row = cur.fetchone()
+                if row is None or row[0] is None:
+                    cur.execute("SELECT pg_replication_origin_create(%s)", (name,))
+                cur.execute("SELECT pg_replication_origin_session_setup(%s)", (name,))
+            self.conn.commit()
+            self._origin_ready = True
+        except psycopg.errors.InsufficientPrivilege:
+            self.conn.rollback()
+            log.warning("site %s: cannot tag applied writes with replication origin %s "
+                        "(needs superuser or EXECUTE on pg_replication_origin_*); "
+                        "multi-directional loops cannot be prevented", self.opts.site, name)
+        except psycopg.errors.UniqueViolation:
+            self.conn.rollback()
+            self._setup_origin(name)
 
     # -- progress -------------------------------------------------------------------------
     def read_progress(self) -> tuple[Lsn, Lsn | None]:
@@ -104,6 +156,11 @@ class SiteWriter:
 
     def commit(self, lsn: Lsn, commit_ts: datetime | None) -> None:
         with self.conn.cursor() as cur:
+            if self._origin_ready and commit_ts is not None:
+                # Our commit carries the source's commit time and position (commit-time LWW
+                # compares pg_xact_commit_timestamp of rows written by different offices).
+                cur.execute("SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s)",
+                            (str(lsn), commit_ts))
             cur.execute(_sql.PROGRESS_UPSERT, (self.source, str(lsn), commit_ts))
         self.conn.commit()
         self._in_tx = False
@@ -116,10 +173,11 @@ class SiteWriter:
             pass
 
     # -- apply ----------------------------------------------------------------------------
-    def apply(self, changes: Sequence[Change]) -> int:
-        """Apply one chunk; return the number of row changes written."""
+    def apply(self, changes: Sequence[Change], begin: TxBegin | None = None) -> int:
+        """Apply one chunk; return the number of changes written (dead letters excluded)."""
         wanted: list[Change] = []
         keys: dict[int, tuple[int, ...]] = {}
+        rejected: list[tuple[Change, SiteError]] = []
         for ch in changes:
             if ch.op is Op.MESSAGE:
                 continue
@@ -127,22 +185,90 @@ class SiteWriter:
                 wanted.append(ch)
                 continue
             assert ch.table is not None
-            st = self.site_table(ch.table)
+            try:
+                st = self.site_table(ch.table)
+            except SiteError as exc:
+                rejected.append((ch, exc))
+                continue
             if st is None:
                 continue
             if st.key:
                 keys[st.table.oid] = st.key
             wanted.append(ch)
+        runs = list(plan_runs(wanted, keys))
         n = 0
         with self.conn.cursor() as cur:
-            for run in plan_runs(wanted, keys):
-                n += self._apply_run(cur, run)
+            for ch, err in rejected:
+                self._dead_letter(cur, ch, begin, str(err), None)
+            try:
+                cur.execute("SAVEPOINT cdc_chunk")
+                for run in runs:
+                    n += self._apply_run(cur, run, begin)
+                cur.execute("RELEASE SAVEPOINT cdc_chunk")
+            except Exception as exc:
+                if not (is_data_error(exc) or _is_user_error(exc)):
+                    raise
+                cur.execute("ROLLBACK TO SAVEPOINT cdc_chunk")
+                n = sum(self._apply_isolated(cur, run, begin) for run in runs)
+            if self.opts.outbox is not None and begin is not None:
+                self._write_outbox(cur, begin, changes)
         return n
 
-    def _apply_run(self, cur: psycopg.Cursor[Any], run: Run) -> int:
+    def _apply_isolated(self, cur: psycopg.Cursor[Any], run: Run, begin: TxBegin | None) -> int:
+        """Apply `run` in a savepoint; on a data error bisect it down to the bad change."""
+        try:
+            cur.execute("SAVEPOINT cdc_run")
+            n = self._apply_run(cur, run, begin)
+            cur.execute("RELEASE SAVEPOINT cdc_run")
+            return n
+        except Exception as exc:
+            if not (is_data_error(exc) or _is_user_error(exc)):
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT cdc_run")
+            if len(run.changes) == 1:
+                sqlstate = getattr(exc, "sqlstate", None)
+                st = self._site_table_or_none(run.table)
+                self._dead_letter(cur, run.changes[0], begin, _one_line(exc), sqlstate,
+                                  st.key if st else ())
+                return 0
+            half = len(run.changes) // 2
+            first = Run(run.op, run.table, run.changes[:half], run.columns)
+            second = Run(run.op, run.table, run.changes[half:], run.columns)
+            return self._apply_isolated(cur, first, begin) + self._apply_isolated(cur, second, begin)
+
+    def _dead_letter(self, cur: psycopg.Cursor[Any], ch: Change, begin: TxBegin | None,
+                     error: str, sqlstate: str | None, key: tuple[int, ...] = ()) -> None:
+        info = describe_change(ch, key)
+        log.warning("site %s: dead letter for %s %s: %s", self.opts.site, info["table"],
+                    ch.op.value, error)
+        cur.execute(
+            "INSERT INTO cdc_sync.dead_letters (source, table_name, op, key, row_data, old_row, "
+            "lsn, commit_ts, error, sqlstate) VALUES (%s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s, %s)",
+            (self.source, info["table"], ch.op.value, Jsonb(info["key"]),
+             Jsonb(info["row"]), Jsonb(info["old"]),
+             str(begin.commit_lsn) if begin else None, begin.commit_ts if begin else None,
+             error, sqlstate),
+        )
+        self.dead_letters += 1
+
+    def _write_outbox(self, cur: psycopg.Cursor[Any], begin: TxBegin,
+                      changes: Sequence[Change]) -> None:
+        assert self.opts.outbox is not None
+        rows = self.opts.outbox(self.source, begin, changes)
+        if not rows:
+            return
+        ids, sources, topics, events, stamps = (list(c) for c in zip(*rows, strict=True))
+        cur.execute(
+            "INSERT INTO cdc_sync.outbox (id, source, topic, event, commit_ts) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[], "
+            "%s::timestamptz[]) ON CONFLICT (id) DO NOTHING",
+            (ids, sources, topics, events, stamps),
+        )
+
+    def _apply_run(self, cur: psycopg.Cursor[Any], run: Run, begin: TxBegin | None) -> int:
         if run.op is Op.TRUNCATE:
             ch = run.changes[0]
-            tables = [t for t in ch.truncated if self.site_table(t) is not None]
+            tables = [t for t in ch.truncated if self._site_table_or_none(t) is not None]
             if tables:
                 cur.execute(_sql.truncate_sql(
                     tables, bool(ch.truncate_options & TRUNCATE_RESTART_IDENTITY),
@@ -151,9 +277,19 @@ class SiteWriter:
         assert run.table is not None
         st = self.site_table(run.table)
         assert st is not None
-        changes = run.changes
         if not st.key:
             return self._apply_keyless(cur, st, run)
+        resolver = self.opts.resolver_for(st.table.qualified) if st.upsert else None
+        if resolver is not None and getattr(resolver, "needs_local_rows", True):
+            from ._resolving import apply_resolved
+            applied, conflicts = apply_resolved(self, cur, st, run, begin, resolver)
+            self.conflicts += conflicts
+            return applied
+        return self._apply_fast(cur, st, run, begin)
+
+    def _apply_fast(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
+                    begin: TxBegin | None) -> int:
+        changes = run.changes
         if run.op is Op.INSERT:
             cols = range(len(st.table.columns))
             arrays = [[c.new[i] for c in changes] for i in cols]  # type: ignore[index]
@@ -165,10 +301,42 @@ class SiteWriter:
             ]
             val_arrays = [[c.new[i] for c in changes] for i in run.columns]  # type: ignore[index]
             cur.execute(_sql.update_sql(st, run.columns), key_arrays + val_arrays)
+            if cur.rowcount != len(changes):
+                self._write_missing(cur, st, run, begin)
         elif run.op is Op.DELETE:
             key_arrays = [[c.old[i] for c in changes] for i in st.key]  # type: ignore[index]
             cur.execute(_sql.delete_sql(st), key_arrays)
         return len(changes)
+
+    def _write_missing(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
+                       begin: TxBegin | None) -> None:
+        """Updates that found no row: insert the row when it was sent whole (source wins)."""
+        new_keys = [tuple(c.new[i] for i in st.key) for c in run.changes]  # type: ignore[index]
+        cur.execute(_sql.existing_keys_sql(st), [list(col) for col in zip(*new_keys, strict=True)])
+        present = {tuple(r) for r in cur.fetchall()}
+        missing = [c for c, k in zip(run.changes, new_keys, strict=True) if k not in present]
+        whole = [c for c in missing if UNCHANGED_TOAST not in c.new]  # type: ignore[operator]
+        if whole:
+            cols = range(len(st.table.columns))
+            cur.execute(_sql.insert_sql(st, cols, st.upsert),
+                        [[c.new[i] for c in whole] for i in cols])  # type: ignore[index]
+        for c in missing:
+            self.log_conflict(cur, st, c, begin, "update_missing", None,
+                              "source_wins", "incoming_wins" if c in whole else "skipped")
+
+    def log_conflict(self, cur: psycopg.Cursor[Any], st: SiteTable, ch: Change,
+                     begin: TxBegin | None, kind: str, local: dict[str, Any] | None,
+                     strategy: str, outcome: str) -> None:
+        info = describe_change(ch, st.key)
+        cur.execute(
+            "INSERT INTO cdc_sync.conflicts (source, table_name, kind, key, local_row, "
+            "incoming_row, strategy, outcome, lsn, commit_ts) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::pg_lsn, %s)",
+            (self.source, st.table.qualified, kind, Jsonb(info["key"]), Jsonb(local),
+             Jsonb(info["row"] if ch.op is not Op.DELETE else info["old"]), strategy, outcome,
+             str(begin.commit_lsn) if begin else None, begin.commit_ts if begin else None),
+        )
+        self.conflicts += 1
 
     def _apply_keyless(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run) -> int:
         # Keyless tables (REPLICA IDENTITY FULL, no unique key on the site): one statement per
@@ -193,35 +361,56 @@ class SiteWriter:
 
     # -- site catalog ---------------------------------------------------------------------
     def site_table(self, table: Table) -> SiteTable | None:
-        """The site's description of `table`, or None when this site does not take it."""
+        """The site's description of `table`, or None when this site does not take it.
+
+        Raises `SiteError` when the site's table cannot take the source's rows.
+        """
         cached = self._tables.get(table.oid)
-        if cached is not None and cached[0] is table:
-            return cached[1]
-        st = self._describe(table) if self.wants(table) else None
-        self._tables[table.oid] = (table, st)
-        return st
+        if cached is None or cached[0] is not table:
+            try:
+                st: SiteTable | None | SiteError = (
+                    self._describe(table) if self.opts.wants(table) else None)
+            except SiteError as exc:
+                st = exc
+            self._tables[table.oid] = cached = (table, st)
+        result = cached[1]
+        if isinstance(result, SiteError):
+            raise result
+        return result
+
+    def _site_table_or_none(self, table: Table | None) -> SiteTable | None:
+        if table is None:
+            return None
+        try:
+            return self.site_table(table)
+        except SiteError:
+            return None
 
     def forget_tables(self) -> None:
         self._tables.clear()
 
     def _describe(self, table: Table) -> SiteTable:
         with self.conn.cursor() as cur:
+            cur.execute("SAVEPOINT cdc_describe")
             cur.execute(_sql.SITE_COLUMNS, (table.schema, table.name))
             rows = cur.fetchall()
             if not rows:
-                raise SiteError(f"table {table.qualified} does not exist on the site "
-                                "(run `cdc-sync init`)")
+                cur.execute("RELEASE SAVEPOINT cdc_describe")
+                raise SiteError(f"table {table.qualified} does not exist on site "
+                                f"{self.opts.site} (run `cdc-sync init`)")
             oid = rows[0][0]
             site_types = {name: typ for _oid, name, typ, _gen in rows}
             generated = {name for _oid, name, _typ, gen in rows if gen}
             cur.execute(_sql.SITE_UNIQUE_INDEXES, (oid,))
             uniques: list[tuple[bool, list[str]]] = [(r[0], r[1]) for r in cur.fetchall()]
+            cur.execute("RELEASE SAVEPOINT cdc_describe")
         types: list[str] = []
         for col in table.columns:
             if col not in site_types:
-                raise SiteError(f"site is missing column {table.qualified}.{col}")
+                raise SiteError(f"site {self.opts.site} is missing column {table.qualified}.{col}")
             if col in generated:
-                raise SiteError(f"column {table.qualified}.{col} is generated on the site")
+                raise SiteError(f"column {table.qualified}.{col} is generated on site "
+                                f"{self.opts.site} but not on the source")
             types.append(site_types[col])
         index = {c: i for i, c in enumerate(table.columns)}
         key: tuple[int, ...] = ()
@@ -241,4 +430,16 @@ class SiteWriter:
         return SiteTable(table, tuple(types), key, upsert)
 
 
-__all__ = ["SESSION_OPTIONS", "SiteWriter", "connect_site"]
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors raised by user code (a merge function) while resolving: dead-letter them."""
+    return not isinstance(exc, (psycopg.Error, SiteError)) and isinstance(exc, Exception) \
+        and getattr(exc, "_cdc_user_error", False)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+__all__ = ["SESSION_OPTIONS", "SiteOptions", "SiteWriter", "connect_site", "is_data_error",
+           "key_dict", "sql"]

@@ -34,7 +34,7 @@ import psycopg
 from ..changes import Table, TxBegin, TxChanges, TxCommit, TxItem
 from ..errors import CdcSyncError, mask_dsn
 from ..protocol import Lsn
-from .site import SiteWriter, connect_site
+from .site import SiteOptions, SiteWriter, connect_site
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class SiteWorker(threading.Thread):
         group_max_changes: int = DEFAULT_GROUP_MAX_CHANGES,
         group_max_seconds: float = DEFAULT_GROUP_MAX_SECONDS,
         on_applied: Callable[[SiteWorker, int, float], None] | None = None,
+        options: SiteOptions | None = None,
+        group_transactions: bool = True,
     ) -> None:
         super().__init__(name=f"site-{name}", daemon=True)
         self.site = name
@@ -91,6 +93,12 @@ class SiteWorker(threading.Thread):
         self.on_applied = on_applied or (lambda _w, _n, _s: None)
         self.group_max_changes = group_max_changes
         self.group_max_seconds = group_max_seconds
+        self.group_transactions = group_transactions
+        self.options = options or SiteOptions(source=source, site=name)
+        if wants is not None:
+            self.options.wants = wants
+        self.dead_letters = 0
+        self.conflicts = 0
         self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=queue_items)
         self.durable_lsn: Lsn | None = None
         self.last_commit_ts: datetime | None = None
@@ -99,6 +107,7 @@ class SiteWorker(threading.Thread):
         self.last_error: str | None = None
         self._accepting = False
         self._awaiting_reset = False
+        self._detached = False
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -120,6 +129,13 @@ class SiteWorker(threading.Thread):
     def idle(self) -> bool:
         return self.queue.empty()
 
+    def detach(self) -> None:
+        """Stop taking items: the site is too slow. It catches up later from the slot."""
+        if self._accepting:
+            log.warning("site %s is too slow: detached; it will catch up from the slot", self.site)
+        self._accepting = False
+        self._detached = True
+
     def stop(self) -> None:
         """Ask the worker to commit what is complete and exit."""
         self._stopping.set()
@@ -135,7 +151,7 @@ class SiteWorker(threading.Thread):
         while not self._stopping.is_set():
             try:
                 writer = SiteWriter(connect_site(self.dsn, application_name=f"cdc_sync:{self.source}"),
-                                    self.source, wants=self.wants)
+                                    self.source, options=self.options)
             except psycopg.Error as exc:
                 self._down(f"cannot connect: {exc}")
                 self._sleep(backoff)
@@ -199,6 +215,7 @@ class SiteWorker(threading.Thread):
         pending_keepalive: Lsn | None = None
         target_changes = 0
         target_started = 0.0
+        current: TxBegin | None = None
 
         def commit_target() -> None:
             nonlocal pending, pending_keepalive, target_changes
@@ -215,6 +232,20 @@ class SiteWorker(threading.Thread):
             pending, pending_keepalive, target_changes = None, None, 0
 
         while True:
+            if self._detached:
+                # Commit what is complete, forget the rest, and have the stream replayed.
+                if writer.in_transaction and not in_src_tx:
+                    commit_target()
+                writer.rollback()
+                self._detached = False
+                self._drain()
+                in_src_tx = skipping = False
+                pending = pending_keepalive = None
+                target_changes = 0
+                self._awaiting_reset = True
+                self._accepting = True
+                self.on_rewind(self)
+                continue
             timeout = None
             if writer.in_transaction and not in_src_tx:
                 timeout = max(0.0, target_started + self.group_max_seconds - time.monotonic())
@@ -243,12 +274,14 @@ class SiteWorker(threading.Thread):
                     skipping = True
                     continue
                 in_src_tx = True
+                current = item
                 if not writer.in_transaction:
                     writer.begin()
                     target_started = time.monotonic()
             elif isinstance(item, TxChanges):
                 if in_src_tx:
-                    target_changes += writer.apply(item.changes)
+                    target_changes += writer.apply(item.changes, current)
+                    self.dead_letters, self.conflicts = writer.dead_letters, writer.conflicts
             elif isinstance(item, TxCommit):
                 if skipping:
                     skipping = False
@@ -259,7 +292,8 @@ class SiteWorker(threading.Thread):
                 accepted = item.end_lsn
                 pending = (item.end_lsn, item.commit_ts)
                 if (
-                    self.queue.empty()
+                    not self.group_transactions
+                    or self.queue.empty()
                     or target_changes >= self.group_max_changes
                     or time.monotonic() - target_started >= self.group_max_seconds
                 ):

@@ -228,12 +228,26 @@ def site_applied(settings: Settings) -> dict[str, Lsn | None]:
             for s in st["sites"]}
 
 
+def sync_point(source_dsn: str) -> Lsn:
+    """Commit a source transaction holding only a logical message and return the message's
+    LSN: a site whose applied LSN is beyond it holds every transaction committed before."""
+    value = scalar(source_dsn,
+                   "SELECT pg_logical_emit_message(true, 'cdc_sync_test', 'sync')::text")
+    return Lsn.parse(str(value))
+
+
 def wait_until_caught_up(settings: Settings, timeout: float = 30, *,
                          pipeline: Pipeline | None = None) -> Lsn:
-    """Wait until every site holds everything the source had written when this was called:
-    the workers' durable LSN (when `pipeline` is given) or the applied LSN of
-    `commands.status` reaches the source's `pg_current_wal_lsn()`. Returns that LSN."""
-    target = current_lsn(settings.source.dsn)
+    """Wait until every site holds every transaction committed on the source before this call.
+
+    A marker transaction is committed on the source (`sync_point`); the sites are caught up
+    when their applied LSN (`commands.status`, or the workers' `durable_lsn` when `pipeline`
+    is given) is past it. Returns the marker's LSN.
+
+    (Waiting for `pg_current_wal_lsn()` instead would also wait for WAL that belongs to no
+    published transaction, which sites only pass on keepalives; that is tested on its own.)
+    """
+    target = sync_point(settings.source.dsn)
     last: dict[str, Any] = {}
 
     def done() -> bool:
@@ -242,7 +256,7 @@ def wait_until_caught_up(settings: Settings, timeout: float = 30, *,
         else:
             positions = dict(site_applied(settings))
         last.update(positions)
-        return all(p is not None and p >= target for p in positions.values())
+        return all(p is not None and p > target for p in positions.values())
 
     deadline = time.monotonic() + timeout
     while not done():
@@ -324,3 +338,20 @@ def progress_lsn(site_dsn: str, source: str) -> Lsn | None:
     value = scalar(site_dsn, "SELECT applied_lsn::text FROM cdc_sync.progress WHERE source = %s",
                    (source,))
     return Lsn.parse(value) if value else None
+
+
+@contextlib.contextmanager
+def replicating(settings: Settings, **kwargs: Any) -> Iterator[Pipeline]:
+    """`commands.init(settings)`, then a running pipeline for the duration of the block."""
+    commands.init(settings)
+    with running_pipeline(settings, **kwargs) as pipeline:
+        yield pipeline
+
+
+def assert_converged(settings: Settings, pipeline: Pipeline | None = None,
+                     tables: Sequence[str] | None = None, *, timeout: float = 30,
+                     min_rows: int = 0) -> None:
+    """Wait until every site has caught up, then compare every table with the source."""
+    wait_until_caught_up(settings, timeout, pipeline=pipeline)
+    assert_same_tables(settings.source.dsn, [s.dsn for s in settings.sites], tables,
+                       min_rows=min_rows)

@@ -1,0 +1,131 @@
+"""The command line: run the selected scenarios on one pair of clusters and report.
+
+``python -m benchmarks [--quick] [--only a,b] [--server 15|16] [--repetitions N]``
+
+Prints the results table on stdout (progress on stderr) and writes
+``benchmarks/results/latest.json`` and ``latest.md``. Exit status 0 when every scenario
+finished (whether or not it met its target), 1 when one failed, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import (
+    apply_memory,
+    initial_copy,
+    pgbench_latency,
+    update_one_site,
+    update_three_sites,
+)
+from benchmarks.harness import BenchError, Harness, log
+from benchmarks.report import Scenario, ScenarioResult, text_table, write_results
+
+SCENARIOS: dict[str, Scenario] = {
+    sc.key: sc
+    for sc in (
+        update_one_site.SCENARIO,
+        update_three_sites.SCENARIO,
+        pgbench_latency.SCENARIO,
+        initial_copy.SCENARIO,
+        apply_memory.SCENARIO,
+    )
+}
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_REPETITIONS = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Compare cdc-sync with PostgreSQL's native logical replication.",
+        epilog="scenarios: " + "; ".join(f"{k}: {s.title}" for k, s in SCENARIOS.items()))
+    parser.add_argument("--quick", action="store_true",
+                        help="one repetition per scenario instead of three")
+    parser.add_argument("--only", metavar="a,b",
+                        help="comma-separated scenario letters (default: all)")
+    parser.add_argument("--server", type=int, default=15, metavar="MAJOR",
+                        help="PostgreSQL major version for both clusters (default 15: the "
+                             "system's; 16: pgserver's)")
+    parser.add_argument("--repetitions", type=int, metavar="N",
+                        help=f"repetitions per scenario (default {DEFAULT_REPETITIONS}, "
+                             "1 with --quick)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="where latest.json and latest.md go (default benchmarks/results)")
+    return parser
+
+
+def _select(parser: argparse.ArgumentParser, only: str | None) -> list[Scenario]:
+    if not only:
+        return list(SCENARIOS.values())
+    keys = [k.strip().lower() for k in only.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in SCENARIOS]
+    if unknown or not keys:
+        parser.error(f"--only: unknown scenario {', '.join(unknown) or '(none)'}; "
+                     f"choose from {','.join(SCENARIOS)}")
+    return [SCENARIOS[k] for k in SCENARIOS if k in keys]
+
+
+def _run_one(harness: Harness, scenario: Scenario, repetitions: int) -> ScenarioResult:
+    log(f"({scenario.key}) {scenario.title}")
+    started = time.monotonic()
+    try:
+        measured = scenario.run(harness, repetitions)
+        result = ScenarioResult(scenario, measured.cdc_sync, measured.native, measured.details)
+    except Exception as exc:  # one broken scenario must not lose the others' results
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, BenchError):
+            traceback.print_exc(file=sys.stderr)
+            message = f"{type(exc).__name__}: {message}"
+        log(f"({scenario.key}) failed: {message}")
+        result = ScenarioResult(scenario, error=message)
+    finally:
+        try:
+            harness.reset()
+        except Exception as exc:
+            log(f"({scenario.key}) clean-up failed: {exc}")
+    result.details["elapsed_s"] = round(time.monotonic() - started, 1)
+    log(f"({scenario.key}) done in {result.details['elapsed_s']:.0f} s: "
+        f"cdc-sync {result.cdc_sync_samples}, native {result.native_samples}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    scenarios = _select(parser, args.only)
+    repetitions = args.repetitions or (1 if args.quick else DEFAULT_REPETITIONS)
+    if repetitions < 1:
+        parser.error("--repetitions must be at least 1")
+    results: list[ScenarioResult] = []
+    try:
+        with Harness.open(args.server) as harness:
+            server, code = harness.server, harness.code
+            for scenario in scenarios:
+                results.append(_run_one(harness, scenario, repetitions))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    meta: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "server": server,
+        "cdc_sync_code": code,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "repetitions": repetitions,
+        "quick": args.quick,
+        "scenarios_run": [s.key for s in scenarios],
+    }
+    print(f"\ncdc-sync vs. native logical replication — {server}, median of {repetitions}\n")
+    print(text_table(results), end="")
+    json_path, md_path = write_results(results, meta, args.results_dir)
+    print(f"\nwritten: {json_path}, {md_path}")
+    return 1 if any(r.error is not None for r in results) else 0

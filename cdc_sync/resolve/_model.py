@@ -1,0 +1,143 @@
+"""The data the applier hands to a `Resolver` and the `Decision` it gets back.
+
+All values are PostgreSQL text forms (`str`) or `None` for NULL. Every class is a frozen,
+slotted dataclass; nothing here does I/O.
+
+- `LocalRow`: the site's current row for the change's key, the commit timestamp of the
+  transaction that last wrote it (`pg_xact_commit_timestamp(xmin)`, None if unknown) and the
+  office that wrote it (the site's own name for local writes; an empty string is read as the
+  site's name).
+- `Incoming`: one source change. `new` lacks the columns that were not sent (unchanged TOAST);
+  `unchanged` names them when the applier knows them (it is what tells a partial `new` from a
+  complete one when there is no local row). `old` is the old row: complete when `old_is_full`
+  (REPLICA IDENTITY FULL), else the key columns or None. `key` identifies the site row the change
+  targets (the old key for an update that changes the key).
+- `Tombstone`: a row with this key was deleted at `deleted_at` by `origin`; `version` is the
+  deleted row's version-column text when the policy has a version column (else None).
+- `Decision`: what to do. `write`: make the site row equal to `row` (insert or update; `row`
+  holds every column to set, key columns included). `delete`: delete the site row if there is
+  one and record `tombstone` (always set for `delete`, None otherwise). `skip`: leave the site
+  as it is. `conflict` is one of `CONFLICT_KINDS` or None; `outcome` one of `OUTCOMES`.
+- `Resolver`: `resolve(local, incoming, tombstone) -> Decision`, and `needs_local_rows`: False
+  when decisions never depend on local rows or tombstones (pure `source_wins` without
+  counters), so the applier may skip fetching them (and the conflict log) on a fast path.
+
+Within a batch the applier resolves changes in order; after each decision the next change to
+the same key must see the state that decision produced: `Decision.local_after` and
+`Decision.tombstone_after` compute it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from cdc_sync.changes import Op
+
+__all__ = [
+    "CONFLICT_KINDS",
+    "OUTCOMES",
+    "Action",
+    "Decision",
+    "Incoming",
+    "LocalRow",
+    "Resolver",
+    "Tombstone",
+    "Values",
+]
+
+Values = Mapping[str, str | None]
+Action = Literal["write", "delete", "skip"]
+
+CONFLICT_KINDS: tuple[str, ...] = (
+    "insert_insert",   # incoming insert, a local row exists
+    "update_update",   # incoming update, the local row is not what the change expected
+    "update_missing",  # incoming update, no local row and no tombstone
+    "update_delete",   # incoming update, the row was deleted here (tombstone)
+    "delete_update",   # incoming delete, the local row is newer / not what it expected
+    "delete_missing",  # incoming delete, no local row
+    "insert_deleted",  # incoming insert, the tombstone is newer
+)
+OUTCOMES: tuple[str, ...] = (
+    "applied",        # no conflict, the change was applied
+    "incoming_wins",  # conflict, the incoming change was applied
+    "local_wins",     # conflict, the site's state was kept (counters may still have moved)
+    "merged",         # the merge function's row was written
+    "deleted",        # conflict, the row was deleted
+    "kept_deleted",   # conflict, the row stays deleted
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalRow:
+    """The site's current row for a key (text values), who wrote it last and when."""
+
+    values: Values
+    commit_ts: datetime | None
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One source row change as the resolver sees it (insert, update or delete)."""
+
+    op: Op
+    new: Values | None
+    old: Values | None
+    old_is_full: bool
+    commit_ts: datetime
+    origin: str
+    key: Values
+    unchanged: frozenset[str] = frozenset()  # columns not sent in `new` (unchanged TOAST)
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A row with this key was deleted: when, by whom, and the deleted row's version."""
+
+    deleted_at: datetime
+    version: str | None
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the applier does for one change; see the module docstring."""
+
+    action: Action
+    row: Values | None
+    conflict: str | None
+    outcome: str
+    tombstone: Tombstone | None = None  # to record, for action "delete"
+
+    def local_after(self, previous: LocalRow | None, incoming: Incoming) -> LocalRow | None:
+        """The site row once this decision is applied (as the applier's write will read back:
+        committed at the incoming commit time, by the incoming origin)."""
+        if self.action == "write":
+            assert self.row is not None
+            return LocalRow(self.row, incoming.commit_ts, incoming.origin)
+        if self.action == "delete":
+            return None
+        return previous
+
+    def tombstone_after(self, previous: Tombstone | None) -> Tombstone | None:
+        """The key's tombstone once this decision is applied."""
+        if self.action == "delete":
+            return self.tombstone
+        return previous
+
+
+class Resolver(Protocol):
+    """A table's conflict policy, bound to one site."""
+
+    @property
+    def needs_local_rows(self) -> bool:
+        """False when `resolve` ignores `local` and `tombstone` apart from the conflict log."""
+        ...
+
+    def resolve(self, local: LocalRow | None, incoming: Incoming,
+                tombstone: Tombstone | None) -> Decision:
+        """Decide one change given the site's row and tombstone for its key."""
+        ...

@@ -1,0 +1,183 @@
+"""The conflict-resolving apply path: fetch local rows and tombstones, decide, write set-based.
+
+For one run (one table, one operation, distinct keys; see `_plan`) on a table whose policy
+needs the local rows: one query fetches the site's rows for every key of the run with the
+commit time and origin of the transaction that last wrote each; one query fetches tombstones;
+the table's `Resolver` decides per change, in order; the decisions are written with one
+statement per kind (upserts, deletes, tombstones, conflict-log rows).
+
+A user merge function that raises is marked so the applier dead-letters that change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ..changes import Op, TxBegin
+from ..protocol import ReplicaIdentity
+from ..resolve import Incoming, LocalRow, Resolver, Tombstone
+from . import _sql
+from ._plan import Run
+from ._rows import as_dict, key_dict, key_values
+from ._sql import SiteTable
+
+if TYPE_CHECKING:
+    from .site import SiteWriter
+
+ORIGIN_PREFIX = "cdc_sync:"
+
+
+def origin_name(source: str, site: str) -> str:
+    """The replication origin tagging writes of `source`'s replicator at `site`."""
+    return f"{ORIGIN_PREFIX}{source}:{site}"[:512]
+
+
+def origin_source(roname: str | None, local: str) -> str:
+    """The office that wrote a row: the source named in our origin, else this site."""
+    if roname and roname.startswith(ORIGIN_PREFIX):
+        return roname[len(ORIGIN_PREFIX):].rsplit(":", 1)[0]
+    return roname or local
+
+
+def _local_rows_sql(st: SiteTable, with_ts: bool) -> sql.Composed:
+    keys = [sql.Identifier(f"k{j}") for j in range(len(st.key))]
+    cols = sql.SQL(", ").join(sql.SQL("t.{}::text").format(st.col(i))
+                              for i in range(len(st.table.columns)))
+    meta = (sql.SQL("pg_xact_commit_timestamp(t.xmin), (SELECT o.roname FROM "
+                    "pg_replication_origin o WHERE o.roident = "
+                    "(pg_xact_commit_timestamp_origin(t.xmin)).roident)")
+            if with_ts else sql.SQL("NULL::timestamptz, NULL::text"))
+    return sql.SQL(
+        "SELECT {kcols}, {cols}, {meta} FROM {t} AS t JOIN unnest({params}) AS v({aliases}) "
+        "ON {where}"
+    ).format(
+        kcols=sql.SQL(", ").join(sql.SQL("v.{}").format(k) for k in keys), cols=cols, meta=meta,
+        t=st.ident, params=sql.SQL(", ").join(sql.SQL("%b::text[]") for _ in keys),
+        aliases=sql.SQL(", ").join(keys),
+        where=sql.SQL(" AND ").join(
+            sql.SQL("t.{c} = v.{a}::{ty}").format(c=st.col(i), a=a, ty=st.typ(i))
+            for a, i in zip(keys, st.key, strict=True)),
+    )
+
+
+class UserCodeError(Exception):
+    """A merge function raised: the change is dead-lettered with its message."""
+
+    _cdc_user_error = True
+
+
+def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
+                   begin: TxBegin | None, resolver: Resolver) -> tuple[int, int]:
+    """Apply `run` through `resolver`; return (changes applied, conflicts logged)."""
+    table = st.table
+    key = st.key
+    names = [table.columns[i] for i in key]
+    befores = [key_values(ch, key) for ch in run.changes]
+    with_ts = _track_commit_timestamp(writer)
+    cur.execute(_local_rows_sql(st, with_ts), [list(c) for c in zip(*befores, strict=True)])
+    nk = len(key)
+    local: dict[tuple[Any, ...], LocalRow] = {}
+    for r in cur.fetchall():
+        values = dict(zip(table.columns, r[nk:nk + len(table.columns)], strict=True))
+        local[tuple(r[:nk])] = LocalRow(values, r[-2], origin_source(r[-1], writer.opts.site))
+    tombs = _fetch_tombstones(cur, table.qualified, names, befores)
+    commit_ts = begin.commit_ts if begin else datetime.now().astimezone()
+    full = table.replica_identity is ReplicaIdentity.FULL
+    writes: list[tuple[tuple[Any, ...], tuple[Any, ...], dict[str, str | None]]] = []
+    deletes: list[tuple[tuple[Any, ...], str | None]] = []
+    conflicts = 0
+    strategy = getattr(resolver, "strategy", "")
+    version_column = getattr(resolver, "version_column", None)
+    for ch, before in zip(run.changes, befores, strict=True):
+        incoming = Incoming(
+            op=ch.op, new=as_dict(table, ch.new), old=as_dict(table, ch.old),
+            old_is_full=full and ch.old is not None, commit_ts=commit_ts,
+            origin=writer.source, key=key_dict(table, key, before),
+        )
+        here = local.get(before)
+        try:
+            decision = resolver.resolve(here, incoming, tombs.get(before))
+        except Exception as exc:
+            raise UserCodeError(f"conflict resolution failed: {exc}") from exc
+        if decision.conflict:
+            writer.log_conflict(cur, st, ch, begin, decision.conflict,
+                                dict(here.values) if here else None, strategy, decision.outcome)
+            conflicts += 1
+        if decision.action == "write" and decision.row is not None:
+            after = before
+            if ch.op is Op.UPDATE and ch.new is not None:
+                after = tuple(ch.new[i] for i in key)
+            writes.append((before, after, dict(decision.row)))
+        elif decision.action == "delete":
+            version = None
+            if version_column:
+                src = incoming.old or (here.values if here else None) or {}
+                version = src.get(version_column)
+            deletes.append((before, version))
+    _write_rows(cur, st, writes)
+    if deletes:
+        cur.execute(_sql.delete_sql(st), [list(c) for c in zip(*(d[0] for d in deletes), strict=True)])
+        cur.execute(
+            "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
+            "SELECT %s, k, %s, v, %s, %s::pg_lsn FROM unnest(%s::jsonb[], %s::text[]) AS u(k, v) "
+            "ON CONFLICT (table_name, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, "
+            "version = EXCLUDED.version, source = EXCLUDED.source, lsn = EXCLUDED.lsn",
+            (table.qualified, commit_ts, writer.source,
+             str(begin.commit_lsn) if begin else None,
+             [Jsonb(dict(zip(names, d[0], strict=True))) for d in deletes],
+             [d[1] for d in deletes]))
+    revived = [w[1] for w in writes if w[1] in tombs or w[0] in tombs]
+    if revived:
+        cur.execute("DELETE FROM cdc_sync.tombstones WHERE table_name = %s AND key = ANY(%s::jsonb[])",
+                    (table.qualified, [Jsonb(dict(zip(names, k, strict=True))) for k in revived]))
+    return len(writes) + len(deletes), conflicts
+
+
+def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable,
+                writes: Sequence[tuple[tuple[Any, ...], tuple[Any, ...], dict[str, str | None]]]
+                ) -> None:
+    if not writes:
+        return
+    moved = [w[0] for w in writes if w[0] != w[1]]
+    if moved:
+        cur.execute(_sql.delete_sql(st), [list(c) for c in zip(*moved, strict=True)])
+    index = {c: i for i, c in enumerate(st.table.columns)}
+    groups: dict[tuple[int, ...], list[dict[str, str | None]]] = {}
+    for _b, _a, row in writes:
+        cols = tuple(sorted(index[c] for c in row if c in index))
+        groups.setdefault(cols, []).append(row)
+    for cols, rows in groups.items():
+        names = [st.table.columns[i] for i in cols]
+        cur.execute(_sql.insert_sql(st, cols, True), [[r[n] for r in rows] for n in names])
+
+
+def _fetch_tombstones(cur: psycopg.Cursor[Any], table: str, names: list[str],
+                      keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], Tombstone]:
+    cur.execute(
+        "SELECT key, deleted_at, version, source FROM cdc_sync.tombstones "
+        "WHERE table_name = %s AND key = ANY(%s::jsonb[])",
+        (table, [Jsonb(dict(zip(names, k, strict=True))) for k in keys]))
+    out: dict[tuple[Any, ...], Tombstone] = {}
+    for k, deleted_at, version, source in cur.fetchall():
+        out[tuple(k.get(n) for n in names)] = Tombstone(deleted_at, version, source or "")
+    return out
+
+
+def _track_commit_timestamp(writer: SiteWriter) -> bool:
+    cached = getattr(writer, "_track_commit_ts", None)
+    if cached is None:
+        with writer.conn.cursor() as c:
+            c.execute("SELECT current_setting('track_commit_timestamp')::bool")
+            row = c.fetchone()
+        cached = bool(row and row[0])
+        writer._track_commit_ts = cached  # type: ignore[attr-defined]
+    return bool(cached)
+
+
+__all__ = ["UserCodeError", "apply_resolved", "origin_name", "origin_source"]

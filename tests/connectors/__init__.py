@@ -1,0 +1,1 @@
+"""Outbound connectors: webhook client and runner."""
