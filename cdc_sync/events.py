@@ -35,8 +35,9 @@ Contract (ARCHITECTURE.md, "Events"):
   (our heartbeats) produces no event at all.
 - `outbox_rows(source, begin, changes, tables=...)` builds the rows the outbox site's applier
   inserts: `(id, source, topic, event_json_text, commit_ts)`; `tables` (fnmatch patterns over
-  `topic`) leaves out non-matching events. jsonb cannot hold U+0000: in the outbox copy only,
-  NUL characters inside strings are replaced by U+FFFD.
+  `topic`) leaves out non-matching events. The JSON text is ASCII-only (\\u escapes), and as
+  jsonb cannot hold U+0000 or lone surrogates (possible in a `json` column), in the outbox
+  copy only those characters are replaced by U+FFFD.
 
 Conversion is on the applier's hot path: per-table converters are computed once per `Table`
 object (cached, identity fast path) and the commit timestamp is formatted once per call.
@@ -112,8 +113,11 @@ class Event:
 _FIELDS: Final = ("id", "source", "topic", "table", "op", "lsn", "commit_ts", "key", "row", "old")
 
 
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def event_id(source: str, commit_lsn: Lsn | int, position: int) -> str:
@@ -162,8 +166,11 @@ def _json_constant(text: str) -> Any:
     return text
 
 
+_DECODER: Final = json.JSONDecoder(parse_float=_json_float, parse_constant=_json_constant)
+
+
 def _to_json(text: str) -> Any:
-    return json.loads(text, parse_float=_json_float, parse_constant=_json_constant)
+    return _DECODER.decode(text)
 
 
 INT2, INT4, INT8, OID = 21, 23, 20, 26
@@ -359,17 +366,19 @@ class _TableShape:
                 out[columns[i]] = str(v)
         return out
 
-    def key_dict(self, primary: Sequence[Any] | None,
-                 fallback: Sequence[Any] | None) -> dict[str, Any] | None:
-        if not self.key or primary is None:
+    def key_of(self, row: dict[str, Any] | None,
+               fallback: Sequence[Any] | None = None) -> dict[str, Any] | None:
+        """The key columns of an already converted `row`; a key value missing from it (an
+        unchanged-TOAST value) is taken from the raw `fallback` tuple when given."""
+        if not self.key or row is None:
             return None
-        out = self.row(primary, self.key)
-        if len(out) < len(self.key) and fallback is not None:
-            # An unchanged-TOAST key value: take it from the old row, keep the key's order.
-            for name, value in self.row(fallback, self.key).items():
-                out.setdefault(name, value)
-            out = {name: out[name] for name in self.key_names if name in out}
-        return out
+        try:
+            return {name: row[name] for name in self.key_names}
+        except KeyError:
+            pass
+        extra = self.row(fallback, self.key) if fallback is not None else {}
+        return {name: row[name] if name in row else extra[name]
+                for name in self.key_names if name in row or name in extra}
 
 
 _SHAPES: dict[Table, _TableShape] = {}
@@ -406,6 +415,7 @@ class _Tx:
 
 
 Wanted = Callable[[str], bool]
+_OP_NAMES: Final = {op: op.value for op in Op}
 
 
 def _event_dicts(tx: _Tx, change: Change, wanted: Wanted | None) -> list[dict[str, Any]]:
@@ -416,18 +426,20 @@ def _event_dicts(tx: _Tx, change: Change, wanted: Wanted | None) -> list[dict[st
         topic = shape.qualified
         if wanted is not None and not wanted(topic):
             return []
-        if op is Op.DELETE:
-            key = shape.key_dict(change.old, None)
-            row = None
-        else:
-            key = shape.key_dict(change.new, change.old)
-            row = shape.row(change.new) if change.new is not None else None
+        old_values = change.old
         old = None
-        if change.old is not None:
-            old = shape.row(change.old, shape.key if change.old_is_key else None)
+        if old_values is not None:
+            old = shape.row(old_values, shape.key if change.old_is_key else None)
+        if op is Op.DELETE:
+            row = None
+            key = shape.key_of(old)
+        else:
+            new = change.new
+            row = shape.row(new) if new is not None else None
+            key = shape.key_of(row, old_values)
         return [{
             "id": tx.prefix + str(change.position), "source": tx.source, "topic": topic,
-            "table": topic, "op": op.value, "lsn": tx.lsn, "commit_ts": tx.commit_ts,
+            "table": topic, "op": _OP_NAMES[op], "lsn": tx.lsn, "commit_ts": tx.commit_ts,
             "key": key, "row": row, "old": old,
         }]
     if op is Op.TRUNCATE:
@@ -540,18 +552,27 @@ def outbox_rows(source: str, begin: TxBegin, changes: Iterable[Change], *,
     append = out.append
     for change in changes:
         for d in _event_dicts(tx, change, wanted):
-            text = _dumps(d)
-            if "\\u0000" in text:
-                text = _dumps(_strip_nul(d))
+            text = _outbox_encode(d)
+            if "\\u0000" in text or "\\ud" in text:
+                # NUL or a surrogate escape (a non-BMP character, or a lone surrogate from a
+                # json column): jsonb takes neither NUL nor lone surrogates.
+                text = _outbox_encode(_jsonb_safe(d))
             append((d["id"], tx.source, d["topic"], text, ts))
     return out
 
 
-def _strip_nul(value: Any) -> Any:
+# ASCII-only JSON for the outbox: the C encoder's fastest path; jsonb stores the same value.
+_outbox_encode: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_NOT_FOR_JSONB: Final = re.compile("[\x00\ud800-\udfff]")
+
+
+def _jsonb_safe(value: Any) -> Any:
+    """`value` with NUL and lone surrogates (any surrogate code point in a Python str is one)
+    replaced by U+FFFD."""
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        return _NOT_FOR_JSONB.sub("\ufffd", value)
     if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+        return {_jsonb_safe(k): _jsonb_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
+        return [_jsonb_safe(v) for v in value]
     return value

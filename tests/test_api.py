@@ -16,7 +16,7 @@ import pytest
 from cdc_sync.api import AsyncRealTimeSync, ChangeEvent, RealTimeSync, emit_change
 from cdc_sync.changes import Change, Op, Table, TxBegin, TxChanges, TxCommit, TxItem
 from cdc_sync.config import Settings, settings_from_dict
-from cdc_sync.protocol import Lsn, ReplicaIdentity
+from cdc_sync.protocol import Lsn, Message, ReplicaIdentity, decode_message
 
 TS = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -169,10 +169,13 @@ def test_emit_change_validates(topic: str, data: Any, error: type[Exception]) ->
 
 # -- against a real database -------------------------------------------------------------------
 
-def decoded_messages(conn: psycopg.Connection[Any], slot: str) -> list[str]:
-    rows = conn.execute("SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL)",
-                        (slot,)).fetchall()
-    return [r[0] for r in rows if r[0].startswith("message:")]
+def decoded_messages(conn: psycopg.Connection[Any], slot: str) -> list[Message]:
+    """The logical messages a pgoutput slot streams (decoded by our own decoder)."""
+    rows = conn.execute(
+        "SELECT data FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL, "
+        "'proto_version', '1', 'publication_names', 'emit_pub', 'messages', 'true')",
+        (slot,)).fetchall()
+    return [m for m in (decode_message(bytes(r[0])) for r in rows) if isinstance(m, Message)]
 
 
 def test_emit_change_follows_the_transaction(make_db: Callable[..., str]) -> None:
@@ -180,7 +183,8 @@ def test_emit_change_follows_the_transaction(make_db: Callable[..., str]) -> Non
     rts = RealTimeSync(settings(dsn))
     slot = f"emit_{int(time.time() * 1000) % 10**9}"
     with psycopg.connect(dsn, autocommit=True) as admin:
-        admin.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
+        admin.execute("CREATE PUBLICATION emit_pub")
+        admin.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
         try:
             with psycopg.connect(dsn) as app:
                 lsn = rts.emit_change("orders.cancelled", {"order": 1}, connection=app)
@@ -193,12 +197,10 @@ def test_emit_change_follows_the_transaction(make_db: Callable[..., str]) -> Non
             messages = decoded_messages(admin, slot)
         finally:
             admin.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-    assert len(messages) == 2, messages
-    assert "prefix: cdc_sync:orders.paid" in messages[0]
-    assert "transactional: 1" in messages[0]
-    assert json.loads(messages[0].split("content:", 1)[1]) == {"order": 2, "note": "é"}
-    assert "prefix: cdc_sync:orders.shipped" in messages[1]
-    assert not any("cancelled" in m for m in messages)
+    assert [m.prefix for m in messages] == ["cdc_sync:orders.paid", "cdc_sync:orders.shipped"]
+    assert all(m.transactional for m in messages)
+    assert json.loads(messages[0].content) == {"order": 2, "note": "é"}
+    assert messages[1].lsn == Lsn.parse(lsn)
 
 
 def test_module_level_emit_change(make_db: Callable[..., str]) -> None:

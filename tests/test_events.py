@@ -372,7 +372,7 @@ def test_converters_agree_with_postgres(make_db: Callable[..., str]) -> None:
     options = "-c extra_float_digits=3 -c DateStyle=ISO -c TimeZone=UTC"
     with psycopg.connect(dsn, autocommit=True, options=options) as conn:
         for expr, oid in CASES:
-            row = conn.execute(f"SELECT format('%s', {expr}), to_jsonb({expr})::text, "  # noqa: S608
+            row = conn.execute(f"SELECT format('%s', {expr}), to_jsonb({expr})::text, "
                                f"pg_typeof({expr})::regtype::oid::int").fetchone()
             assert row is not None
             text, pg_json, type_oid = row

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ..changes import Op, TxBegin
+from ..changes import UNCHANGED_TOAST, Op, TxBegin
 from ..protocol import ReplicaIdentity
 from ..resolve import Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
@@ -95,10 +95,13 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     strategy = getattr(resolver, "strategy", "")
     version_column = getattr(resolver, "version_column", None)
     for ch, before in zip(run.changes, befores, strict=True):
+        unchanged = frozenset(
+            table.columns[i] for i, v in enumerate(ch.new) if v is UNCHANGED_TOAST
+        ) if ch.new is not None and UNCHANGED_TOAST in ch.new else frozenset()
         incoming = Incoming(
             op=ch.op, new=as_dict(table, ch.new), old=as_dict(table, ch.old),
             old_is_full=full and ch.old is not None, commit_ts=commit_ts,
-            origin=writer.source, key=key_dict(table, key, before),
+            origin=writer.source, key=key_dict(table, key, before), unchanged=unchanged,
         )
         here = local.get(before)
         try:
@@ -115,8 +118,9 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
                 after = tuple(ch.new[i] for i in key)
             writes.append((before, after, dict(decision.row)))
         elif decision.action == "delete":
-            version = None
-            if version_column:
+            tomb = decision.tombstone
+            version = tomb.version if tomb is not None else None
+            if version is None and version_column:
                 src = incoming.old or (here.values if here else None) or {}
                 version = src.get(version_column)
             deletes.append((before, version))

@@ -240,7 +240,7 @@ def test_tables_filter_advances_over_filtered_rows(outbox_dsn: str) -> None:
     assert drain(runner) == 0
     runner.close()
     with psycopg.connect(outbox_dsn) as conn:
-        topics = dict(conn.execute("SELECT id, topic FROM cdc_sync.outbox").fetchall())
+        topics: dict[str, str] = dict(conn.execute("SELECT id, topic FROM cdc_sync.outbox").fetchall())
     assert [topics[i] for i in client.received] == ["public.a1", "public.a2", "note", "note"]
     assert all(client.batches)  # no empty POSTs
     assert state(outbox_dsn)["delivered_seq"] == max_seq(outbox_dsn)
