@@ -28,6 +28,7 @@ from benchmarks import (
 )
 from benchmarks.harness import BenchError, Harness, log
 from benchmarks.report import Scenario, ScenarioResult, text_table, write_results
+from cdc_sync.embedded.cluster import ClusterError
 
 SCENARIOS: dict[str, Scenario] = {
     sc.key: sc
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server, code = harness.server, harness.code
             for scenario in scenarios:
                 results.append(_run_one(harness, scenario, repetitions))
-    except BenchError as exc:
+    except (BenchError, ClusterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     meta: dict[str, Any] = {

@@ -12,10 +12,12 @@ Contract:
   whose topic matches `pattern` (fnmatch, case-sensitive). Handlers run on the pipeline's
   listener thread for this object, one event at a time, in source commit order, in
   subscription order per event. The events of a transaction are dispatched when its commit
-  arrives (a transaction abandoned by a lost source connection and streamed again is seen
-  once). A transaction streamed again after a reconnect (commit LSN not above the last one
-  dispatched) is not dispatched twice within one process. A handler that raises is logged
-  (`logger.exception`) and neither stops the other handlers nor the stream. Delivery is live,
+  arrives, so a transaction cut off by a lost source connection is dropped and seen whole
+  when it is streamed again; a transaction streamed again after a reconnect (commit LSN not
+  above the last one dispatched) is not dispatched twice within one process. Only the
+  events of topics someone subscribed to (and within `sources`) are built and buffered.
+  A handler that raises is logged (`logger.exception`) and neither stops the other handlers
+  nor the stream. Delivery is live,
   not durable: after a restart the stream resumes where the sites are, so use the outbound
   table and connectors for at-least-once delivery. A slow handler holds back the listener's
   bounded queue, and through it the stream: keep handlers quick or hand work off.
@@ -28,10 +30,11 @@ Contract:
   `pg_logical_emit_message(true, 'cdc_sync:' || topic, <data as JSON>)` at the source and
   returns its LSN text. With `connection` (the application's psycopg connection) it runs in
   that connection's current transaction and commits or rolls back with it — a rolled-back
-  message never reaches the WAL stream; without, it uses a short autocommit connection to the
-  source DSN. `topic` must be a non-empty string without NUL; `data` a JSON-serialisable
-  mapping (NaN/Infinity rejected). The module-level `emit_change(connection, topic, data)` does
-  the same for applications that do not run the replicator.
+  message never reaches the stream (logical decoding drops aborted transactions); without,
+  it uses a short autocommit connection to the source DSN. `topic` must be a non-empty
+  string without NUL; `data` a JSON-serialisable mapping (NaN/Infinity rejected). The
+  module-level `emit_change(connection, topic, data)` does the same for applications that do
+  not run the replicator.
 - `AsyncRealTimeSync`: the same for asyncio — `await start()/stop()` (in a thread), `async with`,
   `subscribe` accepting coroutine functions too (run on the event loop that called `start`,
   awaited in order), `await emit_change(..., connection=<psycopg.AsyncConnection>)`.
@@ -331,7 +334,15 @@ class AsyncRealTimeSync:
                 raise RuntimeError("AsyncRealTimeSync: no running event loop (call start())")
             coro = handler(event)
             assert inspect.isawaitable(coro)
-            asyncio.run_coroutine_threadsafe(_awaited(coro), loop).result()
+            future = asyncio.run_coroutine_threadsafe(_awaited(coro), loop)
+            while True:
+                try:
+                    future.result(timeout=1.0)
+                    return
+                except TimeoutError:
+                    if loop.is_closed() or not loop.is_running():
+                        future.cancel()
+                        raise RuntimeError("AsyncRealTimeSync: the event loop stopped") from None
 
         run_on_loop.__qualname__ = getattr(handler, "__qualname__", "handler")
         return self.sync.subscribe(pattern, run_on_loop)

@@ -1,19 +1,47 @@
-"""`cdc-sync`: a thin Typer/Rich layer over `commands`.
+"""`cdc-sync`: a thin Typer/Rich layer over `commands`, `metrics`, `demo` and `ui`.
 
-Every `CdcSyncError` (and `ProtocolError`) is caught once here and printed as one line on
-stderr with a non-zero exit status; `--debug` re-raises with the traceback.
+Contract (the commands and options are those of ARCHITECTURE.md):
+- Global options before the command: `--debug`, `--log-level DEBUG|INFO|WARNING|ERROR`,
+  `--log-format human|json`. Every command that reads a configuration takes `-c/--config FILE`
+  (default `$CDC_SYNC_CONFIG`, else `./cdc-sync.toml`).
+- Results go to stdout (`--json` output is exactly one JSON document); progress, logs and
+  errors go to stderr.
+- Every error, whatever raised it (a `CdcSyncError`, a database or OS error, a usage error,
+  an unexpected exception), ends the process with a non-zero status and exactly one line
+  `error: ...` on stderr, passed through `mask_dsn` (no password) and without a traceback;
+  `--debug` re-raises instead. Usage errors exit 2, Ctrl-C 130, everything else 1.
+  `dead-letters retry` exits 1 when some dead letter could not be re-applied.
+- Views come from `ui` (pure renderables); `lag --watch` and `demo` refresh them in place on a
+  terminal (Rich Live) and print plain output otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
+import psycopg
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+from typer.exceptions import TyperException
 
 from . import commands
 from .config import Settings, load_settings
@@ -21,51 +49,151 @@ from .errors import CdcSyncError, mask_dsn
 from .logs import setup_logging
 from .protocol import ProtocolError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PostgreSQL change-data-capture: one source, many sites, exactly once.")
+dead_letters_app = typer.Typer(help="Changes a site rejected: list them, or retry them.")
+app.add_typer(dead_letters_app, name="dead-letters")
+
 out = Console()
 err = Console(stderr=True)
 
-_state: dict[str, Any] = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "log_level_given": False}
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file "
                       "(default: $CDC_SYNC_CONFIG or ./cdc-sync.toml)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+SiteOpt = Annotated[str | None, typer.Option("--site", help="only this site")]
 T = TypeVar("T")
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+class LogFormat(StrEnum):
+    human = "human"
+    json = "json"
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+def _one_line(text: str) -> str:
+    return mask_dsn(" ".join(text.split()))
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"error: {_one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CdcSyncError | ProtocolError):
+        return str(exc)
+    if isinstance(exc, psycopg.Error):
+        return f"database error: {exc}"
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)"
 
 
 def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
-    except (CdcSyncError, ProtocolError) as exc:
-        if _state["debug"]:
-            raise
-        err.print(f"error: {mask_dsn(str(exc))}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        _fail(_describe(exc))
 
 
 def _settings(config: Path | None) -> Settings:
     return _guard(lambda: load_settings(config))
 
 
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# -- global options ----------------------------------------------------------------------------
+
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
-    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
-    log_format: Annotated[str, typer.Option("--log-format", help="human or json")] = "human",
+    log_level: Annotated[LogLevel | None, typer.Option(
+        "--log-level", case_sensitive=False, help="log level (default INFO)")] = None,
+    log_format: Annotated[LogFormat, typer.Option(
+        "--log-format", case_sensitive=False, help="log lines: human or json")] = LogFormat.human,
 ) -> None:
     _state["debug"] = debug
-    setup_logging(level=log_level, fmt=log_format)
+    _state["log_level_given"] = log_level is not None
+    level = log_level.value if log_level is not None else ("DEBUG" if debug else "INFO")
+    setup_logging(level=level, fmt=log_format.value)
+
+
+# -- init --------------------------------------------------------------------------------------
+
+class _RateColumn(ProgressColumn):
+    """Rows copied and rows per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        rate = f"{speed:,.0f} rows/s" if speed else "… rows/s"
+        return Text(f"{int(task.completed):,} rows  {rate}")
+
+
+class _CopyProgress:
+    """One Rich progress bar per (site, table) while `init` copies the snapshot."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(SpinnerColumn(finished_text="✓"),
+                                 TextColumn("{task.description}"), BarColumn(),
+                                 _RateColumn(), TimeElapsedColumn(), console=console,
+                                 transient=False)
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+        self.current: dict[str, TaskID] = {}  # site -> the table it is copying
+
+    def __call__(self, site: str, table: str, rows: int) -> None:
+        key = (site, table)
+        task = self.tasks.get(key)
+        if task is None:
+            previous = self.current.get(site)
+            if previous is not None:
+                self._finish(previous)
+            task = self.progress.add_task(f"{site}: {table}", total=None)
+            self.tasks[key] = task
+            self.current[site] = task
+        self.progress.advance(task, rows)
+
+    def _finish(self, task: TaskID) -> None:
+        done = next((t.completed for t in self.progress.tasks if t.id == task), 0)
+        self.progress.update(task, total=done or 1, completed=done or 1)
+        self.progress.stop_task(task)
+
+    def finish_all(self) -> None:
+        for task in self.current.values():
+            self._finish(task)
 
 
 @app.command()
 def init(config: ConfigOpt = None) -> None:
     """Check the source, create publication and slot, prepare and copy every site."""
     settings = _settings(config)
-    report = _guard(lambda: commands.init(settings))
+    if err.is_terminal:
+        bars = _CopyProgress(err)
+        with bars.progress:
+            report = _guard(lambda: commands.init(settings, on_progress=bars))
+            bars.finish_all()
+    else:
+        report = _guard(lambda: commands.init(settings))
     out.print(f"source {settings.source.name}: {len(report.tables)} tables published"
-              + (f", slot {settings.source.slot} created" if report.slot_created else ""))
+              + (f", slot {settings.source.slot} created" if report.slot_created else ""),
+              markup=False, highlight=False)
     for site in settings.sites:
         created = report.created_tables.get(site.name, [])
         copied = report.copied.get(site.name)
@@ -74,48 +202,260 @@ def init(config: ConfigOpt = None) -> None:
             line += f", created {len(created)} tables"
         if copied is not None:
             line += f", copied {copied} rows at {report.snapshot_lsn}"
-        out.print(line)
+        out.print(line, markup=False, highlight=False)
 
+
+# -- run ---------------------------------------------------------------------------------------
 
 @app.command()
-def run(config: ConfigOpt = None) -> None:
+def run(
+    config: ConfigOpt = None,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", min=0, max=65535,
+        help="serve Prometheus metrics on this port (/metrics)")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        "--metrics-host", help="address the metrics endpoint listens on")] = "127.0.0.1",
+) -> None:
     """Stream changes to every site until SIGINT/SIGTERM."""
     settings = _settings(config)
-    _guard(lambda: commands.run(settings))
+    if metrics_port is None:
+        _guard(lambda: commands.run(settings))
+        return
+    from .metrics import Metrics, serve_metrics
+    from .pipeline import Pipeline
+
+    metrics = Metrics()
+    pipeline = Pipeline(settings, on_applied=metrics.on_applied)
+    connectors = _connector_status_fn(settings)
+    server = _guard(lambda: serve_metrics(pipeline, metrics_port, metrics_host, metrics=metrics,
+                                          connectors=connectors))
+    logging.getLogger(__name__).info("metrics on %s", server.url)
+    try:
+        _guard(lambda: commands.run(settings, pipeline=pipeline))
+    finally:
+        server.close()
+
+
+def _connector_status_fn(settings: Settings) -> Callable[[], list[dict[str, Any]]] | None:
+    if not settings.connectors:
+        return None
+    from .connectors import connector_status
+
+    return lambda: connector_status(settings)
+
+
+# -- status and lag ----------------------------------------------------------------------------
+
+def _connectors(settings: Settings) -> tuple[list[dict[str, Any]], str | None]:
+    fn = _connector_status_fn(settings)
+    if fn is None:
+        return [], None
+    try:
+        return fn(), None
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        return [], _describe(exc)
+
+
+def _status_view(settings: Settings, note: str | None = None) -> RenderableType:
+    from .ui import render_status
+
+    data = commands.status(settings)
+    connectors, problem = _connectors(settings)
+    return render_status(data, connectors, connector_error=problem, note=note)
 
 
 @app.command()
-def status(config: ConfigOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """The source's slot and every site's position and lag."""
     settings = _settings(config)
-    data = _guard(lambda: commands.status(settings))
     if as_json:
-        sys.stdout.write(json.dumps(data) + "\n")
+        _print_json(_guard(lambda: commands.status(settings)))
         return
-    src = data["source"]
-    out.print(f"source {src['name']}: slot {src['slot']} "
-              f"{'active' if src['active'] else 'inactive'}, current {src['current_lsn']}, "
-              f"confirmed {src['confirmed_flush_lsn']}, retained {src['retained_bytes']} bytes")
-    for s in data["sites"]:
-        if not s["reachable"]:
-            out.print(f"site {s['name']}: unreachable ({s.get('error', '')})", markup=False)
-        else:
-            out.print(f"site {s['name']}: applied {s['applied_lsn']}, lag {s['lag_bytes']} bytes"
-                      f" / {s['lag_seconds']} s, last commit {s['last_commit_ts']}")
+    out.print(_guard(lambda: _status_view(settings)))
 
+
+@app.command()
+def lag(
+    config: ConfigOpt = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh in place until Ctrl-C")]
+    = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.2, help="seconds between "
+                                            "refreshes with --watch")] = 2.0,
+) -> None:
+    """Every site's position and lag; with --watch a live table refreshing in place."""
+    settings = _settings(config)
+    if not watch:
+        out.print(_guard(lambda: _status_view(settings)))
+        return
+    first = _guard(lambda: _status_view(settings, note=_refresh_note(interval)))
+    if out.is_terminal:
+        _watch_live(settings, first, interval)
+    else:
+        _watch_plain(settings, first, interval)
+
+
+def _refresh_note(interval: float, problem: str | None = None) -> str:
+    stamp = time.strftime("%H:%M:%S")
+    note = f"{stamp}  refreshing every {interval:g} s (Ctrl-C to stop)"
+    return f"{note}  last refresh failed: {problem}" if problem else note
+
+
+def _refresh(settings: Settings, last: RenderableType, interval: float) -> RenderableType:
+    try:
+        return _status_view(settings, note=_refresh_note(interval))
+    except Exception as exc:  # keep watching: the source may be restarting
+        if _state["debug"]:
+            raise
+        stale = last.renderables[:-1] if isinstance(last, Group) else [last]
+        return Group(*stale, Text(_refresh_note(interval, _one_line(_describe(exc))),
+                                  style="red"))
+
+
+def _watch_live(settings: Settings, first: RenderableType, interval: float) -> None:
+    view = first
+    try:
+        with Live(view, console=out, auto_refresh=False, transient=False) as screen:
+            while True:
+                time.sleep(interval)
+                view = _refresh(settings, view, interval)
+                screen.update(view, refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+def _watch_plain(settings: Settings, first: RenderableType, interval: float) -> None:
+    view = first
+    try:
+        while True:
+            out.print(view)
+            sys.stdout.flush()
+            time.sleep(interval)
+            view = _refresh(settings, view, interval)
+    except KeyboardInterrupt:
+        return
+
+
+# -- conflicts and dead letters ----------------------------------------------------------------
+
+@app.command()
+def conflicts(
+    config: ConfigOpt = None, site: SiteOpt = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="newest N per site")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """The conflict log of the sites (newest first)."""
+    from .ui import render_conflicts
+
+    settings = _settings(config)
+    rows = _guard(lambda: commands.conflicts(settings, site=site, limit=limit))
+    if as_json:
+        _print_json(rows)
+    else:
+        out.print(render_conflicts(rows))
+
+
+@dead_letters_app.callback(invoke_without_command=True)
+def dead_letters(ctx: typer.Context, config: ConfigOpt = None, site: SiteOpt = None,
+                 as_json: JsonOpt = False) -> None:
+    """Changes a site rejected and set aside (without a subcommand: list them)."""
+    ctx.obj = {"config": config, "site": site, "json": as_json}
+    if ctx.invoked_subcommand is not None:
+        return
+    from .ui import render_dead_letters
+
+    settings = _settings(config)
+    rows = _guard(lambda: commands.dead_letters(settings, site=site))
+    if as_json:
+        _print_json(rows)
+    else:
+        out.print(render_dead_letters(rows))
+
+
+@dead_letters_app.command("retry")
+def dead_letters_retry(
+    ctx: typer.Context, config: ConfigOpt = None, site: SiteOpt = None,
+    ids: Annotated[list[int] | None, typer.Option("--id", help="only this dead letter "
+                                                  "(repeatable)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-apply dead letters from the source's current rows (the newest state wins)."""
+    from .ui import render_retry
+
+    parent: Mapping[str, Any] = ctx.obj or {}
+    settings = _settings(config or parent.get("config"))
+    site = site or parent.get("site")
+    as_json = as_json or bool(parent.get("json"))
+    reports = _guard(lambda: commands.retry_dead_letters(settings, site=site,
+                                                          ids=list(ids) if ids else None))
+    if as_json:
+        _print_json({name: {"resolved": r.resolved,
+                            "failed": {str(k): v for k, v in r.failed.items()}}
+                     for name, r in reports.items()})
+    else:
+        out.print(render_retry(reports))
+    failed = [(name, dl_id) for name, r in reports.items() for dl_id in r.failed]
+    if failed:
+        what = ", ".join(f"{name} #{dl_id}" for name, dl_id in failed)
+        _fail(f"{len(failed)} dead letter{'s' if len(failed) != 1 else ''} could not be "
+              f"re-applied: {what}")
+
+
+# -- teardown, demo ----------------------------------------------------------------------------
 
 @app.command()
 def teardown(config: ConfigOpt = None) -> None:
     """Drop the replication slot and the publication."""
     settings = _settings(config)
     dropped = _guard(lambda: commands.teardown(settings))
-    out.print("dropped " + (", ".join(dropped) if dropped else "nothing"))
+    out.print("dropped " + (", ".join(dropped) if dropped else "nothing"), markup=False,
+              highlight=False)
 
 
-def main() -> None:
-    app()
+@app.command()
+def demo(
+    seconds: Annotated[float | None, typer.Option(
+        "--seconds", min=1, help="stop the writers after N seconds (default: at Ctrl-C)")] = None,
+) -> None:
+    """Three offices in multi-directional sync on a PostgreSQL of their own, live."""
+    from .demo import run_demo
 
+    if not _state["log_level_given"] and not _state["debug"]:
+        logging.getLogger().setLevel(logging.WARNING)  # the live view is the output
+    result = _guard(lambda: run_demo(seconds, console=out))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI; usage errors become one `error:` line too (exit 2)."""
+    try:
+        code = app(args=list(argv) if argv is not None else None, prog_name="cdc-sync",
+                   standalone_mode=False)
+    except typer.Abort:
+        code = 130
+    except KeyboardInterrupt:
+        code = 130
+    except TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.stderr.write(exc.format_message() + "\n")
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"error: {where}{_one_line(exc.format_message())}{hint}", markup=False,
+                  highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"error: {_one_line(_describe(exc))}", markup=False, highlight=False,
+                  soft_wrap=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 if __name__ == "__main__":
     main()

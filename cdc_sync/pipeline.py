@@ -303,7 +303,8 @@ def site_options(settings: Settings, site: SiteSettings) -> SiteOptions:
         return resolvers[qualified]
 
     outbox = None
-    if settings.outbox_site.name == site.name:
+    wants_outbox = bool(settings.connectors) or "outbox" in settings.model_fields_set
+    if wants_outbox and settings.outbox_site.name == site.name:
         patterns = sorted({p for c in settings.connectors for p in c.tables}) or None
 
         def outbox(source: str, begin: TxBegin, changes: Sequence[Change]) -> list[tuple[Any, ...]]:

@@ -322,6 +322,28 @@ def test_outbox_rows_strip_nul_for_jsonb() -> None:
     (row,) = outbox_rows("w", BEGIN, [change])
     assert json.loads(row[3])["row"] == {"a": "x\ufffdy"}
     assert one(change).row == {"a": "x\x00y"}  # subscribers get the exact value
+    table = make_table([("id", 23), ("j", 114), ("t", 25)])
+    change = Change(Op.INSERT, 0, table, new=("1", '{"lone": "\\ud800", "pair": "\\ud83d\\ude00"}',
+                                              "😀 é"))
+    (row,) = outbox_rows("w", BEGIN, [change])
+    assert row[3].isascii()
+    assert json.loads(row[3])["row"] == {"id": 1, "j": {"lone": "\ufffd", "pair": "😀"},
+                                         "t": "😀 é"}
+
+
+def test_outbox_rows_are_accepted_by_jsonb(make_db: Callable[..., str]) -> None:
+    dsn = make_db("events")
+    table = make_table([("id", 23), ("j", 114), ("t", 25), ("f", 1022)])
+    changes = [
+        Change(Op.INSERT, 0, table, new=("1", '{"lone": "\\ud800", "nul": "\\u0000"}',
+                                         "😀 é \\", "{NaN,-Infinity,1.5}")),
+        Change(Op.MESSAGE, 1, prefix="cdc_sync:x", content=b'{"a":"\\u0000"}'),
+        Change(Op.MESSAGE, 2, prefix="raw", content=b"\xff"),
+    ]
+    rows = outbox_rows("w", BEGIN, changes)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        back = [conn.execute("SELECT %s::jsonb::text", (r[3],)).fetchone() for r in rows]
+    assert [json.loads(b[0]) if b else None for b in back] == [json.loads(r[3]) for r in rows]
 
 
 def test_event_dicts_wanted_skips_conversion() -> None:
@@ -380,3 +402,21 @@ def test_converters_agree_with_postgres(make_db: Callable[..., str]) -> None:
             convert = converter_for(oid)
             assert convert is not None
             assert convert(text) == json.loads(pg_json), expr
+
+
+def test_array_table_matches_pg_type(make_db: Callable[..., str]) -> None:
+    from cdc_sync.events import _ARRAYS
+
+    dsn = make_db("events")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT a.oid::int, a.typelem::int, e.typdelim FROM pg_type a "
+                            "JOIN pg_type e ON e.oid = a.typelem WHERE a.oid = ANY(%s)",
+                            (list(_ARRAYS),)).fetchall()
+    found = {oid: (elem, delim) for oid, elem, delim in rows}
+    for array_oid, element_oid in _ARRAYS.items():
+        if array_oid not in found:
+            continue  # not in this server version
+        assert found[array_oid][0] == element_oid, array_oid
+    assert len(found) >= len(_ARRAYS) - 2
+    delimiters = {oid for oid, (_elem, delim) in found.items() if delim != ","}
+    assert delimiters == {1020}  # box: the one built-in type delimited by ';'

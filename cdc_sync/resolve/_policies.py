@@ -134,6 +134,15 @@ class PolicyResolver:
         self._merge = merge
         self.needs_local_rows: bool = not (strategy == "source_wins" and not counters)
 
+    @property
+    def version_column(self) -> str | None:
+        """The policy's version column; None: commit timestamps order the writes."""
+        return self._version_column
+
+    @property
+    def counters(self) -> frozenset[str]:
+        return self._counters
+
     def __repr__(self) -> str:
         return (f"PolicyResolver({self.table!r}, {self.strategy!r}, "
                 f"version_column={self._version_column!r}, counters={sorted(self._counters)!r}, "

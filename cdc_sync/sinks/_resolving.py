@@ -23,6 +23,7 @@ from ..changes import UNCHANGED_TOAST, Op, TxBegin
 from ..protocol import ReplicaIdentity
 from ..resolve import Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
+from ._arrays import columns, text_array
 from ._plan import Run
 from ._rows import as_dict, key_dict, key_values
 from ._sql import SiteTable
@@ -80,7 +81,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     names = [table.columns[i] for i in key]
     befores = [key_values(ch, key) for ch in run.changes]
     with_ts = _track_commit_timestamp(writer)
-    cur.execute(_local_rows_sql(st, with_ts), [list(c) for c in zip(*befores, strict=True)])
+    cur.execute(_local_rows_sql(st, with_ts), columns(befores))
     nk = len(key)
     local: dict[tuple[Any, ...], LocalRow] = {}
     for r in cur.fetchall():
@@ -126,7 +127,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
             deletes.append((before, version))
     _write_rows(cur, st, writes)
     if deletes:
-        cur.execute(_sql.delete_sql(st), [list(c) for c in zip(*(d[0] for d in deletes), strict=True)])
+        cur.execute(_sql.delete_sql(st), columns([d[0] for d in deletes]))
         cur.execute(
             "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
             "SELECT %s, k, %s, v, %s, %s::pg_lsn FROM unnest(%s::jsonb[], %s::text[]) AS u(k, v) "
@@ -150,7 +151,7 @@ def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable,
         return
     moved = [w[0] for w in writes if w[0] != w[1]]
     if moved:
-        cur.execute(_sql.delete_sql(st), [list(c) for c in zip(*moved, strict=True)])
+        cur.execute(_sql.delete_sql(st), columns(moved))
     index = {c: i for i, c in enumerate(st.table.columns)}
     groups: dict[tuple[int, ...], list[dict[str, str | None]]] = {}
     for _b, _a, row in writes:
@@ -158,7 +159,7 @@ def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable,
         groups.setdefault(cols, []).append(row)
     for cols, rows in groups.items():
         names = [st.table.columns[i] for i in cols]
-        cur.execute(_sql.insert_sql(st, cols, True), [[r[n] for r in rows] for n in names])
+        cur.execute(_sql.insert_sql(st, cols, True), [text_array([r[n] for r in rows]) for n in names])
 
 
 def _fetch_tombstones(cur: psycopg.Cursor[Any], table: str, names: list[str],

@@ -39,6 +39,7 @@ from ..protocol import (
     ReplicaIdentity,
 )
 from . import _sql
+from ._arrays import columns, text_array
 from ._plan import Run, plan_runs, sent_columns
 from ._rows import describe_change, key_dict
 from ._sql import SiteTable
@@ -292,19 +293,19 @@ class SiteWriter:
         changes = run.changes
         if run.op is Op.INSERT:
             cols = range(len(st.table.columns))
-            arrays = [[c.new[i] for c in changes] for i in cols]  # type: ignore[index]
+            arrays = [text_array([c.new[i] for c in changes]) for i in cols]  # type: ignore[index]
             cur.execute(_sql.insert_sql(st, cols, st.upsert), arrays)
         elif run.op is Op.UPDATE:
             key_arrays = [
-                [(c.old if c.old is not None else c.new)[i] for c in changes]  # type: ignore[index]
+                text_array([(c.old if c.old is not None else c.new)[i] for c in changes])  # type: ignore[index]
                 for i in st.key
             ]
-            val_arrays = [[c.new[i] for c in changes] for i in run.columns]  # type: ignore[index]
+            val_arrays = [text_array([c.new[i] for c in changes]) for i in run.columns]  # type: ignore[index]
             cur.execute(_sql.update_sql(st, run.columns), key_arrays + val_arrays)
             if cur.rowcount != len(changes):
                 self._write_missing(cur, st, run, begin)
         elif run.op is Op.DELETE:
-            key_arrays = [[c.old[i] for c in changes] for i in st.key]  # type: ignore[index]
+            key_arrays = [text_array([c.old[i] for c in changes]) for i in st.key]  # type: ignore[index]
             cur.execute(_sql.delete_sql(st), key_arrays)
         return len(changes)
 
@@ -312,14 +313,14 @@ class SiteWriter:
                        begin: TxBegin | None) -> None:
         """Updates that found no row: insert the row when it was sent whole (source wins)."""
         new_keys = [tuple(c.new[i] for i in st.key) for c in run.changes]  # type: ignore[index]
-        cur.execute(_sql.existing_keys_sql(st), [list(col) for col in zip(*new_keys, strict=True)])
+        cur.execute(_sql.existing_keys_sql(st), columns(new_keys))
         present = {tuple(r) for r in cur.fetchall()}
         missing = [c for c, k in zip(run.changes, new_keys, strict=True) if k not in present]
         whole = [c for c in missing if UNCHANGED_TOAST not in c.new]  # type: ignore[operator]
         if whole:
             cols = range(len(st.table.columns))
             cur.execute(_sql.insert_sql(st, cols, st.upsert),
-                        [[c.new[i] for c in whole] for i in cols])  # type: ignore[index]
+                        [text_array([c.new[i] for c in whole]) for i in cols])  # type: ignore[index]
         for c in missing:
             self.log_conflict(cur, st, c, begin, "update_missing", None,
                               "source_wins", "incoming_wins" if c in whole else "skipped")
@@ -345,7 +346,8 @@ class SiteWriter:
             if ch.op is Op.INSERT:
                 assert ch.new is not None
                 every = range(len(st.table.columns))
-                cur.execute(_sql.insert_sql(st, every, False), [[ch.new[i]] for i in every])
+                cur.execute(_sql.insert_sql(st, every, False),
+                            [text_array([ch.new[i]]) for i in every])
                 continue
             assert ch.old is not None
             match = sent_columns(ch.old)

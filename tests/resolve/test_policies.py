@@ -26,6 +26,7 @@ from cdc_sync.resolve import (
     Decision,
     Incoming,
     LocalRow,
+    PolicyResolver,
     Resolver,
     Tombstone,
     add_delta,
@@ -304,6 +305,16 @@ def test_source_wins_fast_path_flag() -> None:
     assert resolver("source_wins", counters=("amount",)).needs_local_rows is True
     for strategy in ("lww", "first_write_wins"):
         assert resolver(strategy).needs_local_rows is True
+
+
+def test_resolver_describes_its_policy() -> None:
+    r = resolver("lww", version_column="v", counters=("amount",))
+    assert isinstance(r, PolicyResolver)
+    assert r.strategy == "lww" and r.version_column == "v"
+    assert r.counters == frozenset({"amount"})
+    assert "lww" in repr(r)
+    with pytest.raises(ValueError, match="unknown conflict strategy"):
+        resolver("newest")
 
 
 def test_source_wins_without_local_state_applies_everything() -> None:
