@@ -19,9 +19,11 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings, SiteSettings, table_matches
+from .connectors.runner import start_runners
 from .errors import CdcSyncError, SiteError, SourceError
 from .pipeline import Pipeline
 from .protocol import Lsn
+from .resolve import make_resolver
 from .sinks.schema import migrate_site
 from .sinks.site import SESSION_OPTIONS, connect_site
 from .source import catalog
@@ -73,35 +75,68 @@ def site_tables(site: SiteSettings, tables: list[TableDef]) -> list[TableDef]:
     return [t for t in tables if table_matches(site.tables, t.qualified)]
 
 
-def prepare_site(site: SiteSettings, src: psycopg.Connection[Any],
-                 tables: list[TableDef]) -> list[str]:
-    """Migrate our schema, create missing schemas/types/tables, check every source column."""
+def prepare_site(site: SiteSettings, src: psycopg.Connection[Any], tables: list[TableDef],
+                 settings: Settings | None = None) -> list[str]:
+    """Migrate our schema, create missing schemas/types/tables, check every source column,
+    and attach the local-delete tombstone trigger where the conflict policy needs it."""
     migrate_site(site.dsn)
     created: list[str] = []
     with connect_site_checked(site) as conn:
         for t in site_tables(site, tables):
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(t.schema)))
-            for schema, name, kind, definition in catalog.user_types(src, t):
-                _ensure_type(conn, schema, name, kind, definition)
-            exists = conn.execute(
-                "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = %s AND c.relname = %s", (t.schema, t.name)).fetchone()
-            if exists is None:
-                conn.execute(catalog.create_site_table_sql(t))
+            if _prepare_table(conn, site, src, t):
                 created.append(t.qualified)
-                continue
-            have = {r[0] for r in conn.execute(
-                "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
-                "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
-                (t.schema, t.name)).fetchall()}
-            for col in t.copy_columns:
-                if col not in have:
-                    raise SiteError(f"site {site.name}: table {t.qualified} is missing column "
-                                    f"{t.qualified}.{col} (add it, or drop the table so "
-                                    "`cdc-sync init` creates it)")
+            _ensure_tombstone_trigger(conn, t, _tombstone_policy(settings, site, t))
         conn.commit()
     return created
+
+
+def _tombstone_policy(settings: Settings | None, site: SiteSettings,
+                      t: TableDef) -> tuple[bool, str | None]:
+    """(whether local deletes need tombstones, the version column) for `t` at `site`."""
+    if settings is None:
+        return False, None
+    policy = settings.conflicts.for_table(t.qualified)
+    return make_resolver(policy, site=site.name).needs_local_rows, policy.version_column
+
+
+def _ensure_tombstone_trigger(conn: psycopg.Connection[Any], t: TableDef,
+                              policy: tuple[bool, str | None]) -> None:
+    """Local deletes leave tombstones when the table's policy compares versions."""
+    wanted, version_column = policy
+    if not wanted or not t.primary_key:
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS cdc_sync_tombstone ON {}").format(t.ident))
+        return
+    keys = "{" + ",".join('"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for k in t.primary_key) + "}"
+    conn.execute(sql.SQL(
+        "CREATE OR REPLACE TRIGGER cdc_sync_tombstone AFTER DELETE ON {} FOR EACH ROW "
+        "EXECUTE FUNCTION cdc_sync.record_tombstone({}, {})").format(
+            t.ident, sql.Literal(keys), sql.Literal(version_column or "")))
+
+
+def _prepare_table(conn: psycopg.Connection[Any], site: SiteSettings, src: psycopg.Connection[Any],
+                   t: TableDef) -> bool:
+    """Create `t` on the site if missing (True), else check it has every source column."""
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(t.schema)))
+    for schema, name, kind, definition in catalog.user_types(src, t):
+        _ensure_type(conn, schema, name, kind, definition)
+    exists = conn.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s", (t.schema, t.name)).fetchone()
+    if exists is None:
+        conn.execute(catalog.create_site_table_sql(t))
+        return True
+    have = {r[0] for r in conn.execute(
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+        "AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped",
+        (t.schema, t.name)).fetchall()}
+    for col in t.copy_columns:
+        if col not in have:
+            raise SiteError(f"site {site.name}: table {t.qualified} is missing column "
+                            f"{t.qualified}.{col} (add it, or drop the table so "
+                            "`cdc-sync init` creates it)")
+    return False
 
 
 def _ensure_type(conn: psycopg.Connection[Any], schema: str, name: str, kind: str,
@@ -174,7 +209,7 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
         catalog.check_source(src, tables, src_cfg.slot)
         catalog.ensure_publication(src, src_cfg.publication, tables)
         for site in settings.sites:
-            report.created_tables[site.name] = prepare_site(site, src, tables)
+            report.created_tables[site.name] = prepare_site(site, src, tables, settings)
         slot = catalog.slot_info(src, src_cfg.slot)
     if slot is not None and slot["plugin"] != "pgoutput":
         raise SourceError(f"source: slot {src_cfg.slot} uses plugin {slot['plugin']}, not pgoutput")
@@ -227,7 +262,16 @@ def run(settings: Settings, *, install_signals: bool = True,
             pipe.stop()
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-    pipe.run()
+    # Connectors deliver from the outbound table on their own threads and connections: a
+    # dead endpoint never slows the sites.
+    stop_connectors = threading.Event()
+    runners = start_runners(settings, stop_connectors)
+    try:
+        pipe.run()
+    finally:
+        stop_connectors.set()
+        for t in runners:
+            t.join(timeout=30)
 
 
 # -- status ------------------------------------------------------------------------------

@@ -59,9 +59,9 @@ __all__ = ["OFFICES", "DemoResult", "office_settings", "run_demo"]
 log = logging.getLogger(__name__)
 
 OFFICES: Final = ("washington", "berlin", "tokyo")
-GRANT_KEYS: Final = 40          # a small key space shared by the offices: conflicts happen
+GRANT_KEYS: Final = 24          # a small key space shared by the offices: conflicts happen
 BUDGET_KEYS: Final = 60
-WRITE_INTERVAL: Final = 0.06    # seconds between a writer's transactions (~15 per second)
+WRITE_INTERVAL: Final = 0.04    # seconds between a writer's transactions (~25 per second)
 LIVE_REFRESH: Final = 0.5
 PLAIN_REFRESH: Final = 2.0
 CONVERGE_TIMEOUT: Final = 60.0

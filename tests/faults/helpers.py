@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
-
 from integration.helpers import REPO_ROOT, connect
 
 PASSWORD = "secretpw"
@@ -152,7 +151,7 @@ class Writer(threading.Thread):
                     continue
                 if self.pause:
                     self._stop_event.wait(self.pause)
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+        except BaseException as exc:
             self.error = exc
         finally:
             if conn is not None:
