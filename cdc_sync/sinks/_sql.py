@@ -2,8 +2,9 @@
 
 Values travel as binary text arrays (`unnest(%b::text[], …)`, see `_arrays`) and are cast on
 the site to the site column's type (`format_type` of the site's catalog), so every type
-round-trips through its own input function: nothing is lost between source and site. Column aliases inside the statements
-are positional (`c0`, `k0`, …) so no user identifier can collide with them.
+round-trips through its own input function: nothing is lost between source and site. Column
+aliases inside the statements are positional (`c0`, `k0`, …) so no user identifier can collide
+with them.
 """
 
 from __future__ import annotations
