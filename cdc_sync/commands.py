@@ -198,6 +198,41 @@ def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], s
     return total
 
 
+def _check_conflict_policies(settings: Settings, tables: list[TableDef]) -> None:
+    """Counters need old values (REPLICA IDENTITY FULL); version columns must exist."""
+    for t in tables:
+        policy = settings.conflicts.for_table(t.qualified)
+        names = {c.name for c in t.columns}
+        if policy.counters and t.replica_identity != "f":
+            fix = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(t.ident).as_string(None)
+            raise SourceError(f"source: table {t.qualified} has counter columns, which need the "
+                              f"old row values; run: {fix}")
+        for col in policy.counters:
+            if col not in names:
+                raise SourceError(f"source: counter column {t.qualified}.{col} does not exist")
+        if policy.version_column and policy.strategy != "source_wins" \
+                and policy.version_column not in names \
+                and policy.table in settings.conflicts.tables:
+            raise SourceError(f"source: version column {t.qualified}.{policy.version_column} "
+                              "does not exist")
+
+
+def _check_site_settings(site: SiteSettings, settings: Settings, tables: list[TableDef]) -> None:
+    """Commit-time LWW reads commit timestamps on the site: they must be tracked."""
+    needs_ts = any(
+        (p := settings.conflicts.for_table(t.qualified)).strategy in ("lww", "first_write_wins")
+        and p.version_column is None for t in site_tables(site, tables))
+    if not needs_ts:
+        return
+    with connect_site_checked(site, autocommit=True) as conn:
+        row = conn.execute("SHOW track_commit_timestamp").fetchone()
+    if not row or row[0] != "on":
+        raise SiteError(
+            f"site {site.name}: track_commit_timestamp is off, but last-write-wins on commit "
+            "time needs it (ALTER SYSTEM SET track_commit_timestamp = on; then restart "
+            "PostgreSQL), or set [conflicts] version_column")
+
+
 def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> InitReport:
     """Idempotent set-up of the source, the slot and every site (see ARCHITECTURE.md)."""
     report = InitReport()
@@ -207,8 +242,10 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
         tables = source_tables(src, settings)
         report.tables = [t.qualified for t in tables]
         catalog.check_source(src, tables, src_cfg.slot)
+        _check_conflict_policies(settings, tables)
         catalog.ensure_publication(src, src_cfg.publication, tables)
         for site in settings.sites:
+            _check_site_settings(site, settings, tables)
             report.created_tables[site.name] = prepare_site(site, src, tables, settings)
         slot = catalog.slot_info(src, src_cfg.slot)
     if slot is not None and slot["plugin"] != "pgoutput":

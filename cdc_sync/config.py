@@ -461,7 +461,9 @@ def settings_from_dict(data: Mapping[str, Any], *, origin: str = "<config>",
     try:
         return Settings.model_validate(substituted)
     except ValidationError as exc:
-        errors = exc.errors()
+        # An unknown key first: a misspelt key also makes the key it was meant to be
+        # "missing", and the misspelling is what the user has to see.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         loc, what = _describe(errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         where = format_key_path(loc)

@@ -315,6 +315,7 @@ def site_options(settings: Settings, site: SiteSettings) -> SiteOptions:
         wants=_table_filter(settings.source.tables, site.tables),
         resolver_for=resolver_for, outbox=outbox,
         origin=origin_name(settings.source.name, site.name),
+        tombstone_max_age=settings.conflicts.tombstone_max_age_seconds,
     )
 
 

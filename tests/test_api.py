@@ -289,7 +289,7 @@ def test_end_to_end(make_db: Callable[..., str]) -> None:
             assert done.wait(60), f"no events arrived: {got}"
             assert rts.error is None
     finally:
-        commands.teardown(cfg)
+        _teardown(cfg)
     assert [(e.op, e.topic) for e in got] == [
         ("insert", "public.orders"), ("message", "orders.paid"), ("delete", "public.orders"),
         ("message", "orders.done")]
@@ -297,3 +297,19 @@ def test_end_to_end(make_db: Callable[..., str]) -> None:
                            "meta": {"x": [1, True]}}
     assert got[0].lsn == got[1].lsn  # one transaction
     assert got[2].key == {"id": 1}
+
+
+def _teardown(cfg: Settings) -> None:
+    """`commands.teardown`, allowing the server a moment to see the walsender gone."""
+    from cdc_sync import commands
+    from cdc_sync.errors import SourceError
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            commands.teardown(cfg)
+            return
+        except SourceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

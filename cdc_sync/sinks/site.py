@@ -20,6 +20,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -59,6 +60,7 @@ SESSION_OPTIONS = (
 SITE_SESSION_OPTIONS = SESSION_OPTIONS + " -c enable_hashjoin=off -c enable_mergejoin=off"
 
 TableFilter = Callable[[Table], bool]
+TOMBSTONE_PURGE_INTERVAL = 60.0
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -96,6 +98,7 @@ class SiteOptions:
     resolver_for: Callable[[str], Any] = field(default=lambda _q: None)
     outbox: Callable[[str, TxBegin, Sequence[Change]], list[tuple[Any, ...]]] | None = None
     origin: str | None = None  # replication origin name tagging our writes
+    tombstone_max_age: float = 7 * 86_400.0
 
 
 class SiteWriter:
@@ -111,6 +114,7 @@ class SiteWriter:
         self._tables: dict[int, tuple[Table, SiteTable | None | SiteError]] = {}
         self._in_tx = False
         self._origin_ready = False
+        self._last_purge = time.monotonic()
         self.dead_letters = 0
         self.conflicts = 0
         if self.opts.origin:
@@ -157,6 +161,11 @@ class SiteWriter:
 
     def commit(self, lsn: Lsn, commit_ts: datetime | None) -> None:
         with self.conn.cursor() as cur:
+            now = time.monotonic()
+            if now - self._last_purge >= TOMBSTONE_PURGE_INTERVAL:
+                self._last_purge = now
+                cur.execute("DELETE FROM cdc_sync.tombstones WHERE deleted_at < now() - "
+                            "make_interval(secs => %s)", (self.opts.tombstone_max_age,))
             if self._origin_ready and commit_ts is not None:
                 # Our commit carries the source's commit time and position (commit-time LWW
                 # compares pg_xact_commit_timestamp of rows written by different offices).

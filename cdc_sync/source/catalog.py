@@ -121,6 +121,11 @@ def describe_table(conn: psycopg.Connection[Any], schema: str, name: str) -> Tab
 
 def check_source(conn: psycopg.Connection[Any], tables: Sequence[TableDef], slot: str) -> None:
     """wal_level, privileges, free slots, and a usable replica identity on every table."""
+    encoding = conn.execute("SHOW server_encoding").fetchone()
+    if encoding is None or encoding[0] != "UTF8":
+        raise SourceError(
+            f"source: database encoding is {encoding[0] if encoding else '?'}; cdc-sync needs "
+            "UTF8 (the stream carries values as UTF-8 text)")
     wal_level = conn.execute("SHOW wal_level").fetchone()
     if wal_level is None or wal_level[0] != "logical":
         raise SourceError(

@@ -261,8 +261,14 @@ def wait_until_caught_up(settings: Settings, timeout: float = 30, *,
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
+            state = ""
+            if pipeline is not None:
+                state = "; workers: " + ", ".join(
+                    f"{w.site}(connected={w.connected}, accepting={w.accepting}, "
+                    f"queued={w.queue.qsize()}, error={w.last_error!r})"
+                    for w in pipeline.workers) + f"; stream error: {pipeline.last_error!r}"
             raise AssertionError(f"sites not caught up with {target} after {timeout} s: "
-                                 f"{ {k: str(v) for k, v in last.items()} }")
+                                 f"{ {k: str(v) for k, v in last.items()} }{state}")
         time.sleep(0.05)
     return target
 
