@@ -7,16 +7,18 @@ row and emitted events, and announce changes with `emit_change`.
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["RealTimeSync", "__version__"]
+__all__ = ["AsyncRealTimeSync", "ChangeEvent", "RealTimeSync", "__version__", "emit_change"]
 
 if TYPE_CHECKING:
-    from .api import RealTimeSync
+    from .api import AsyncRealTimeSync, ChangeEvent, RealTimeSync, emit_change
+
+_API = {"AsyncRealTimeSync", "ChangeEvent", "RealTimeSync", "emit_change"}
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import cdc_sync.protocol` does not pull in psycopg and the pipeline.
-    if name == "RealTimeSync":
-        from .api import RealTimeSync
+    if name in _API:
+        from . import api
 
-        return RealTimeSync
+        return getattr(api, name)
     raise AttributeError(name)

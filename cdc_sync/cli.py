@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -113,6 +114,17 @@ def _guard(fn: Callable[[], T]) -> T:
 
 def _settings(config: Path | None) -> Settings:
     return _guard(lambda: load_settings(config))
+
+
+PIPE_WIDTH = 200  # tables printed to a pipe or file: wide rather than truncated
+
+
+def _show(renderable: RenderableType) -> None:
+    """Print a view on stdout: as wide as the terminal, or (not a terminal, no $COLUMNS)
+    `PIPE_WIDTH` columns."""
+    if not out.is_terminal and "COLUMNS" not in os.environ and out.width < PIPE_WIDTH:
+        out.width = PIPE_WIDTH
+    out.print(renderable)
 
 
 def _print_json(data: Any) -> None:
@@ -273,7 +285,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(_guard(lambda: commands.status(settings)))
         return
-    out.print(_guard(lambda: _status_view(settings)))
+    _show(_guard(lambda: _status_view(settings)))
 
 
 @app.command()
@@ -287,13 +299,17 @@ def lag(
     """Every site's position and lag; with --watch a live table refreshing in place."""
     settings = _settings(config)
     if not watch:
-        out.print(_guard(lambda: _status_view(settings)))
+        _show(_guard(lambda: _status_view(settings)))
         return
     first = _guard(lambda: _status_view(settings, note=_refresh_note(interval)))
     if out.is_terminal:
         _watch_live(settings, first, interval)
     else:
         _watch_plain(settings, first, interval)
+
+
+def _wait(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def _refresh_note(interval: float, problem: str | None = None) -> str:
@@ -318,7 +334,7 @@ def _watch_live(settings: Settings, first: RenderableType, interval: float) -> N
     try:
         with Live(view, console=out, auto_refresh=False, transient=False) as screen:
             while True:
-                time.sleep(interval)
+                _wait(interval)
                 view = _refresh(settings, view, interval)
                 screen.update(view, refresh=True)
     except KeyboardInterrupt:
@@ -329,9 +345,9 @@ def _watch_plain(settings: Settings, first: RenderableType, interval: float) -> 
     view = first
     try:
         while True:
-            out.print(view)
+            _show(view)
             sys.stdout.flush()
-            time.sleep(interval)
+            _wait(interval)
             view = _refresh(settings, view, interval)
     except KeyboardInterrupt:
         return
@@ -353,7 +369,7 @@ def conflicts(
     if as_json:
         _print_json(rows)
     else:
-        out.print(render_conflicts(rows))
+        _show(render_conflicts(rows))
 
 
 @dead_letters_app.callback(invoke_without_command=True)
@@ -370,7 +386,7 @@ def dead_letters(ctx: typer.Context, config: ConfigOpt = None, site: SiteOpt = N
     if as_json:
         _print_json(rows)
     else:
-        out.print(render_dead_letters(rows))
+        _show(render_dead_letters(rows))
 
 
 @dead_letters_app.command("retry")
@@ -394,7 +410,7 @@ def dead_letters_retry(
                             "failed": {str(k): v for k, v in r.failed.items()}}
                      for name, r in reports.items()})
     else:
-        out.print(render_retry(reports))
+        _show(render_retry(reports))
     failed = [(name, dl_id) for name, r in reports.items() for dl_id in r.failed]
     if failed:
         what = ", ".join(f"{name} #{dl_id}" for name, dl_id in failed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings, SiteSettings, table_matches
-from .connectors.runner import start_runners
+from .connectors.runner import connector_status, start_runners
 from .errors import CdcSyncError, SiteError, SourceError
-from .pipeline import Pipeline
+from .pipeline import SLOT_BUSY_PATIENCE, Pipeline
 from .protocol import Lsn
 from .resolve import make_resolver
 from .sinks.schema import migrate_site
@@ -279,13 +280,38 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
 
 # -- run ---------------------------------------------------------------------------------
 
-def check_runnable(settings: Settings) -> None:
-    """Fail fast with one clear line when `run` cannot start at all."""
-    with connect_source(settings.source.dsn) as src:
-        slot = catalog.slot_info(src, settings.source.slot)
-    if slot is None:
-        raise SourceError(f"source: replication slot {settings.source.slot!r} does not exist "
-                          "(run `cdc-sync init` first)")
+def check_runnable(settings: Settings, *, patience: float = SLOT_BUSY_PATIENCE) -> None:
+    """Fail fast with one clear line when `run` cannot start at all.
+
+    A slot another process streams from (another `cdc-sync run`, a `pg_recvlogical`) is
+    waited for up to `patience` seconds (a previous run's WAL sender may still be exiting),
+    then refused with a line naming the slot and the process holding it. Checked here, before
+    the pipeline starts: its site workers may never get ready while another run holds their
+    replication origins, and its reconnect backoff would stretch the patience.
+    """
+    slot_name = settings.source.slot
+    deadline = time.monotonic() + patience
+    warned = False
+    while True:
+        with connect_source(settings.source.dsn) as src:
+            slot = catalog.slot_info(src, slot_name)
+            holder = src.execute("SELECT active_pid FROM pg_replication_slots "
+                                 "WHERE slot_name = %s AND active", (slot_name,)).fetchone()
+        if slot is None:
+            raise SourceError(f"source: replication slot {slot_name!r} does not exist "
+                              "(run `cdc-sync init` first)")
+        if holder is None:
+            return
+        if time.monotonic() >= deadline:
+            raise SourceError(
+                f"source: replication slot {slot_name!r} is in use by another process (PID "
+                f"{holder[0]}); stop the other `cdc-sync run` using it, or give this one its own "
+                "slot")
+        if not warned:
+            log.warning("replication slot %s is in use by PID %s; waiting up to %.0f s for it",
+                        slot_name, holder[0], patience)
+            warned = True
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def run(settings: Settings, *, install_signals: bool = True,
@@ -369,6 +395,12 @@ def status(settings: Settings) -> dict[str, Any]:
             elif row[1] is not None:
                 entry["lag_seconds"] = round(max(0.0, (now_row[1] - row[1]).total_seconds()), 3)
         sites.append(entry)
+    result: dict[str, Any] = {"source": source, "sites": sites}
+    if settings.connectors:
+        try:
+            result["connectors"] = connector_status(settings)
+        except CdcSyncError as exc:
+            result["connectors"] = [{"name": c.name, "error": str(exc)} for c in settings.connectors]
     limit = src_cfg.max_retained_bytes
     if source["retained_bytes"] is not None and source["retained_bytes"] > limit:
         behind = [s for s in sites if s.get("applied_lsn")]
@@ -376,7 +408,7 @@ def status(settings: Settings) -> dict[str, Any]:
         source["warning"] = (f"slot retains {source['retained_bytes']} bytes of WAL, over "
                              f"max_retained_bytes {limit}; held back by site {laggard}")
         log.warning("%s", source["warning"])
-    return {"source": source, "sites": sites}
+    return result
 
 
 # -- teardown ----------------------------------------------------------------------------
@@ -387,6 +419,11 @@ def teardown(settings: Settings) -> list[str]:
     src_cfg = settings.source
     with connect_source(src_cfg.dsn) as src:
         slot = catalog.slot_info(src, src_cfg.slot)
+        deadline = time.monotonic() + 10
+        while slot is not None and slot["active"] and time.monotonic() < deadline:
+            # A replicator that just stopped may still be releasing the slot.
+            time.sleep(0.2)
+            slot = catalog.slot_info(src, src_cfg.slot)
         if slot is not None:
             if slot["active"]:
                 raise SourceError(f"source: slot {src_cfg.slot} is in use; stop `cdc-sync run` "

@@ -139,7 +139,7 @@ def render_sites(sites: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("last commit (UTC)", no_wrap=True)
     table.add_column("conflicts", justify="right")
     table.add_column("dead letters", justify="right")
-    table.add_column("error")
+    table.add_column("error", overflow="fold")
     for s in sites:
         reachable = bool(s.get("reachable"))
         if not reachable:
@@ -172,7 +172,7 @@ def render_connectors(connectors: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("backlog", justify="right")
     table.add_column("delivered seq", justify="right")
     table.add_column("last delivery (UTC)", no_wrap=True)
-    table.add_column("last error")
+    table.add_column("last error", overflow="fold")
     for c in connectors:
         error = c.get("last_error")
         when = format_ts(c.get("last_error_at"))
@@ -212,7 +212,8 @@ def render_conflicts(rows: Sequence[Mapping[str, Any]]) -> RenderableType:
     table = Table(header_style="bold")
     for name, kw in (("site", {"style": "cyan", "no_wrap": True}), ("id", {"justify": "right"}),
                      ("detected (UTC)", {"no_wrap": True}), ("table", {}), ("kind", {}),
-                     ("key", {}), ("strategy", {}), ("outcome", {}), ("from", {})):
+                     ("key", {"overflow": "fold"}), ("strategy", {}), ("outcome", {}),
+                     ("from", {})):
         table.add_column(name, **kw)
     for r in rows:
         table.add_row(str(r.get("site", "?")), _count(r.get("id")), format_ts(r.get("detected_at")),
@@ -228,8 +229,9 @@ def render_dead_letters(rows: Sequence[Mapping[str, Any]]) -> RenderableType:
         return Text("no dead letters")
     table = Table(header_style="bold")
     for name, kw in (("site", {"style": "cyan", "no_wrap": True}), ("id", {"justify": "right"}),
-                     ("created (UTC)", {"no_wrap": True}), ("table", {}), ("op", {}), ("key", {}),
-                     ("lsn", {"no_wrap": True}), ("error", {}), ("retried (UTC)", {})):
+                     ("created (UTC)", {"no_wrap": True}), ("table", {}), ("op", {}),
+                     ("key", {"overflow": "fold"}), ("lsn", {"no_wrap": True}),
+                     ("error", {"overflow": "fold"}), ("retried (UTC)", {})):
         table.add_column(name, **kw)
     for r in rows:
         error = r.get("error") or NONE
@@ -249,7 +251,7 @@ def render_retry(reports: Mapping[str, _Retry]) -> RenderableType:
     table = Table(header_style="bold")
     table.add_column("site", style="cyan", no_wrap=True)
     table.add_column("id", justify="right")
-    table.add_column("result")
+    table.add_column("result", overflow="fold")
     for site, report in reports.items():
         for dl_id in report.resolved:
             table.add_row(site, str(dl_id), Text("resolved", style="green"))

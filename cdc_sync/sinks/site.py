@@ -269,9 +269,11 @@ class SiteWriter:
             return
         ids, sources, topics, events, stamps = (list(c) for c in zip(*rows, strict=True))
         cur.execute(
+            # WITH ORDINALITY … ORDER BY: `seq` follows the order of the events.
             "INSERT INTO cdc_sync.outbox (id, source, topic, event, commit_ts) "
-            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[], "
-            "%s::timestamptz[]) ON CONFLICT (id) DO NOTHING",
+            "SELECT i, s, t, e, c FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[], "
+            "%s::timestamptz[]) WITH ORDINALITY AS u(i, s, t, e, c, n) ORDER BY n "
+            "ON CONFLICT (id) DO NOTHING",
             (ids, sources, topics, events, stamps),
         )
 

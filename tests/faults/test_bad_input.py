@@ -74,7 +74,7 @@ def test_config_file_errors(tmp_path: Path) -> None:
     (tmp_path / "var.toml").write_text(VALID.replace("secretpw@", "${CDC_TEST_UNSET_PW}@", 1))
     (tmp_path / "dsn.toml").write_text(VALID.replace(
         '"postgresql://app:secretpw@127.0.0.1:5999/db"',
-        '"host=127.0.0.1 password=secretpw sslmode=sometimes"'))
+        '"host=127.0.0.1 password=secretpw no_such_option=1"'))
     cases: list[tuple[str, list[str]]] = [
         ("missing.toml", ["config file not found", str(tmp_path / "missing.toml")]),
         ("dir.toml", ["cannot read config file", str(tmp_path / "dir.toml")]),
