@@ -108,6 +108,7 @@ class SiteWorker(threading.Thread):
         self._accepting = False
         self._awaiting_reset = False
         self._detached = False
+        self._missed = False  # an item was refused: the stream must be replayed for us
         self._stopping = threading.Event()
         self.ready = threading.Event()
 
@@ -119,6 +120,7 @@ class SiteWorker(threading.Thread):
     def put(self, item: WorkItem, timeout: float | None = None) -> bool:
         """Queue `item`; False if the site is not accepting or the queue stayed full."""
         if not self._accepting:
+            self._missed = True
             return False
         try:
             self.queue.put(item, timeout=timeout)
@@ -147,7 +149,6 @@ class SiteWorker(threading.Thread):
     # -- consumer side --------------------------------------------------------------------
     def run(self) -> None:
         backoff = BACKOFF_INITIAL
-        first = True
         while not self._stopping.is_set():
             try:
                 writer = SiteWriter(connect_site(self.dsn, application_name=f"cdc_sync:{self.source}"),
@@ -162,15 +163,16 @@ class SiteWorker(threading.Thread):
                 self.durable_lsn = max(self.durable_lsn or applied, applied)
                 self.connected = True
                 self.last_error = None
-                if not first:
-                    # Items were dropped while we were away: have the stream replayed.
+                if self._missed:
+                    # Items were refused while we were away: have the stream replayed, and
+                    # ignore everything until the replay starts (Reset).
                     self._awaiting_reset = True
                     self._drain()
+                    self._missed = False
                     self._accepting = True
                     self.on_rewind(self)
                 else:
                     self._accepting = True
-                first = False
                 self.ready.set()
                 backoff = BACKOFF_INITIAL
                 self._loop(writer)
@@ -191,6 +193,7 @@ class SiteWorker(threading.Thread):
 
     def _down(self, reason: str) -> None:
         self._accepting = False
+        self._missed = True  # whatever was queued or not yet committed must be replayed
         self.connected = False
         self.last_error = mask_dsn(" ".join(reason.split()))
         log.warning("site %s: %s; retrying", self.site, self.last_error)
