@@ -32,15 +32,25 @@ class SiteTable:
     upsert: bool
 
     @property
-    def ident(self) -> sql.Identifier:
-        return sql.Identifier(self.table.schema, self.table.name)
+    def ident(self) -> sql.SQL:
+        return param_ident(self.table.schema, self.table.name)
 
-    def col(self, i: int) -> sql.Identifier:
-        return sql.Identifier(self.table.columns[i])
+    def col(self, i: int) -> sql.SQL:
+        return param_ident(self.table.columns[i])
 
     def typ(self, i: int) -> sql.SQL:
         # Type names come from the site's own catalog (format_type), already quoted there.
-        return sql.SQL(self.types[i])
+        return sql.SQL(self.types[i].replace("%", "%%"))
+
+
+def param_ident(*names: str) -> sql.SQL:
+    """A quoted identifier for a statement executed WITH parameters.
+
+    psycopg reads every `%` of such a query as a placeholder, even inside a quoted identifier,
+    so a table named `x%s` would break the statement: the `%` are doubled here. (Statements
+    run without parameters, like TRUNCATE, use `sql.Identifier` as is.)
+    """
+    return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
 
 
 def _params(n: int) -> sql.Composed:
