@@ -134,6 +134,18 @@ def _print_json(data: Any) -> None:
 
 # -- global options ----------------------------------------------------------------------------
 
+class _CurrentStderr:
+    """Log lines go to whatever `sys.stderr` is when they are written: while a Rich live view
+    (progress bars, `lag --watch`, the demo) is on screen that is its proxy, which prints them
+    above the view instead of through it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
@@ -146,6 +158,11 @@ def main_options(
     _state["log_level_given"] = log_level is not None
     level = log_level.value if log_level is not None else ("DEBUG" if debug else "INFO")
     setup_logging(level=level, fmt=log_format.value)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(_CurrentStderr())
+    if level != "DEBUG":  # alembic narrates every migration step at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 # -- init --------------------------------------------------------------------------------------
@@ -154,7 +171,10 @@ class _RateColumn(ProgressColumn):
     """Rows copied and rows per second."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
+        speed = task.speed
+        if task.finished or not task.started or speed is None:
+            elapsed = task.elapsed
+            speed = task.completed / elapsed if elapsed else None
         rate = f"{speed:,.0f} rows/s" if speed else "… rows/s"
         return Text(f"{int(task.completed):,} rows  {rate}")
 
@@ -239,9 +259,14 @@ def run(
     metrics = Metrics()
     pipeline = Pipeline(settings, on_applied=metrics.on_applied)
     connectors = _connector_status_fn(settings)
-    server = _guard(lambda: serve_metrics(pipeline, metrics_port, metrics_host, metrics=metrics,
-                                          connectors=connectors))
-    logging.getLogger(__name__).info("metrics on %s", server.url)
+    try:
+        server = serve_metrics(pipeline, metrics_port, metrics_host, metrics=metrics,
+                               connectors=connectors)
+    except OSError as exc:
+        if _state["debug"]:
+            raise
+        _fail(f"metrics: cannot listen on {metrics_host}:{metrics_port}: "
+              f"{exc.strerror or exc}")
     try:
         _guard(lambda: commands.run(settings, pipeline=pipeline))
     finally:
@@ -258,24 +283,10 @@ def _connector_status_fn(settings: Settings) -> Callable[[], list[dict[str, Any]
 
 # -- status and lag ----------------------------------------------------------------------------
 
-def _connectors(settings: Settings) -> tuple[list[dict[str, Any]], str | None]:
-    fn = _connector_status_fn(settings)
-    if fn is None:
-        return [], None
-    try:
-        return fn(), None
-    except Exception as exc:
-        if _state["debug"]:
-            raise
-        return [], _describe(exc)
-
-
 def _status_view(settings: Settings, note: str | None = None) -> RenderableType:
     from .ui import render_status
 
-    data = commands.status(settings)
-    connectors, problem = _connectors(settings)
-    return render_status(data, connectors, connector_error=problem, note=note)
+    return render_status(commands.status(settings), note=note)
 
 
 @app.command()
@@ -441,7 +452,7 @@ def demo(
         logging.getLogger().setLevel(logging.WARNING)  # the live view is the output
     result = _guard(lambda: run_demo(seconds, console=out))
     if not result.ok:
-        raise typer.Exit(1)
+        _fail("demo failed: " + (result.problems[0] if result.problems else "see the summary"))
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -403,12 +403,24 @@ def status(settings: Settings) -> dict[str, Any]:
             result["connectors"] = [{"name": c.name, "error": str(exc)} for c in settings.connectors]
     limit = src_cfg.max_retained_bytes
     if source["retained_bytes"] is not None and source["retained_bytes"] > limit:
-        behind = [s for s in sites if s.get("applied_lsn")]
-        laggard = min(behind, key=lambda s: Lsn.parse(s["applied_lsn"]))["name"] if behind else "?"
         source["warning"] = (f"slot retains {source['retained_bytes']} bytes of WAL, over "
-                             f"max_retained_bytes {limit}; held back by site {laggard}")
+                             f"max_retained_bytes {limit}; held back by {_holding_back(sites)}")
         log.warning("%s", source["warning"])
     return result
+
+
+def _holding_back(sites: list[dict[str, Any]]) -> str:
+    """The sites the slot waits for: those whose position is unknown (unreachable, or never
+    applied anything: the slot cannot move past them), else those furthest behind."""
+    unknown = [s for s in sites if not s.get("applied_lsn")]
+    if unknown:
+        names = [s["name"] + ("" if s["reachable"] else " (unreachable)") for s in unknown]
+    elif sites:
+        lowest = min(Lsn.parse(s["applied_lsn"]) for s in sites)
+        names = [s["name"] for s in sites if Lsn.parse(s["applied_lsn"]) == lowest]
+    else:
+        return "no site"
+    return f"site{'s' if len(names) > 1 else ''} {', '.join(names)}"
 
 
 # -- teardown ----------------------------------------------------------------------------
@@ -524,20 +536,41 @@ def retry_dead_letters(settings: Settings, *, site: str | None = None, ids: list
 
 def _resync_key(src: psycopg.Connection[Any], dst: psycopg.Connection[Any], table_name: str,
                 key: dict[str, Any] | None) -> None:
-    if not key or "." not in table_name or "," in table_name:
+    if not key:
         raise SiteError(f"dead letter for {table_name} has no key to re-read; fix it by hand")
-    schema, _, name = table_name.partition(".")
+    schema, name = _source_table_named(src, table_name)
     t = catalog.describe_table(src, schema, name)
     cols = t.copy_columns
-    ident = t.ident
-    where = sql.SQL(" AND ").join(sql.SQL("{}::text = %s").format(sql.Identifier(k)) for k in key)
+    ident = _ident(src, schema, name)
+    where = sql.SQL(" AND ").join(sql.SQL("{}::text = %s").format(_ident(src, k)) for k in key)
     row = src.execute(sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in cols),
+        sql.SQL(", ").join(sql.SQL("{}::text").format(_ident(src, c)) for c in cols),
         ident, where), list(key.values())).fetchone()
     dst.execute(sql.SQL("DELETE FROM {} WHERE {}").format(ident, where), list(key.values()))
     if row is not None:
         types = {c.name: c.type_sql for c in t.columns}
         dst.execute(sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-            ident, sql.SQL(", ").join(sql.Identifier(c) for c in cols),
-            sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(types[c])) for c in cols)),
+            ident, sql.SQL(", ").join(_ident(src, c) for c in cols),
+            sql.SQL(", ").join(sql.SQL("%s::{}").format(sql.SQL(types[c].replace("%", "%%")))
+                               for c in cols)),
             list(row))
+
+
+def _source_table_named(src: psycopg.Connection[Any], table_name: str) -> tuple[str, str]:
+    """(schema, table) of the source table whose "schema.table" is `table_name` (either part
+    may contain dots, so the name is looked up, not split)."""
+    rows = src.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = %s",
+        (table_name,)).fetchall()
+    if len(rows) != 1:
+        what = "no" if not rows else "more than one"
+        raise SiteError(f"dead letter for {table_name}: {what} source table has that name; "
+                        "fix it by hand")
+    return rows[0][0], rows[0][1]
+
+
+def _ident(conn: psycopg.Connection[Any], *names: str) -> sql.Composable:
+    """A quoted (qualified) identifier for a statement executed with parameters: psycopg reads
+    every "%" of the query as a placeholder, even inside a quoted identifier, so double it."""
+    return sql.SQL(sql.Identifier(*names).as_string(conn).replace("%", "%%"))

@@ -372,16 +372,20 @@ def _exercise(console: Console, dsns: dict[str, str], pipes: dict[str, _Pipeline
                           for t, n in counts.items())
     if result.ok:
         result.summary = (f"demo: {len(OFFICES)} offices converged: {writes} changes, "
-                          f"{conflicts} conflicts resolved, {dead} dead letters, "
+                          f"{_n(conflicts, 'conflict')} resolved, {_n(dead, 'dead letter')}, "
                           f"identical rows ({rows_text})")
     else:
         state = "converged" if converged else f"did not converge within {converge_timeout:g} s"
         result.summary = (f"demo: FAILED: {len(OFFICES)} offices {state}: {writes} changes, "
-                          f"{conflicts} conflicts resolved, {dead} dead letters, "
+                          f"{_n(conflicts, 'conflict')} resolved, {_n(dead, 'dead letter')}, "
                           f"{'identical rows' if not differences else 'rows differ'}: "
                           + "; ".join(problems))
     console.print(result.summary, markup=False, highlight=False, soft_wrap=True)
     return result
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _marker(dsn: str) -> Lsn:
@@ -440,10 +444,14 @@ def _compare(dsns: dict[str, str]) -> tuple[dict[str, int], list[str]]:
             if rows[office] != rows[first]:
                 only_here = set(rows[office]) - set(rows[first])
                 only_there = set(rows[first]) - set(rows[office])
+                example = ""
+                if only_there or only_here:
+                    example = (f" (e.g. {first} {min(only_there) if only_there else 'nothing'}"
+                               f" vs {office} {min(only_here) if only_here else 'nothing'})")
                 problems.append(
                     f"{table} differs between {first} ({len(rows[first])} rows) and {office} "
                     f"({len(rows[office])} rows): {len(only_there)} rows only at {first}, "
-                    f"{len(only_here)} only at {office}")
+                    f"{len(only_here)} only at {office}{example}")
     return counts, problems
 
 

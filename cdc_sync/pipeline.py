@@ -169,6 +169,7 @@ class Pipeline:
         skipping = False
         last_status = 0.0
         last_keepalive_dispatch = 0.0
+        idle_end = dispatched_end = Lsn(0)
         last_data = last_check = time.monotonic()
         try:
             while not self._stop.is_set() and not self._rewind.is_set():
@@ -193,12 +194,17 @@ class Pipeline:
                     elif isinstance(frame, PrimaryKeepalive):
                         self.received_lsn = max(self.received_lsn, frame.wal_end)
                         reply = reply or frame.reply_requested
-                        now = time.monotonic()
-                        if (not assembler.in_transaction
-                                and now - last_keepalive_dispatch >= KEEPALIVE_DISPATCH_INTERVAL):
-                            last_keepalive_dispatch = now
-                            self._dispatch(Keepalive(frame.wal_end), stream)
+                        if not assembler.in_transaction:
+                            idle_end = max(idle_end, frame.wal_end)
                 now = time.monotonic()
+                # Between transactions, everything up to the last keepalive's position has been
+                # handed out: sites with nothing pending may count it as applied. Throttled, but
+                # the last one is never dropped (or an idle site would show lag forever).
+                if (idle_end > dispatched_end and not assembler.in_transaction
+                        and now - last_keepalive_dispatch >= KEEPALIVE_DISPATCH_INTERVAL):
+                    last_keepalive_dispatch = now
+                    dispatched_end = idle_end
+                    self._dispatch(Keepalive(idle_end), stream)
                 if reply or now - last_status >= STATUS_INTERVAL:
                     self._send_status(stream)
                     last_status = now

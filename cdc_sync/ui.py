@@ -175,23 +175,33 @@ def render_connectors(connectors: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("last error", overflow="fold")
     for c in connectors:
         error = c.get("last_error")
-        when = format_ts(c.get("last_error_at"))
+        if c.get("error"):  # its state could not be read at all
+            problem = _text(f"state unknown: {c['error']}", "bold red")
+        elif error:
+            problem = _text(f"{error} (at {format_ts(c.get('last_error_at'))})", "red")
+        else:
+            problem = Text("")
         table.add_row(
             str(c.get("name", "?")),
             Text(_count(c.get("backlog")), style="yellow" if c.get("backlog") else ""),
             _count(c.get("delivered_seq")),
             format_ts(c.get("last_delivery_at")),
-            _text(f"{error} (at {when})", "red") if error else Text(""),
+            problem,
         )
     return table
 
 
-def render_status(data: Mapping[str, Any], connectors: Sequence[Mapping[str, Any]] = (), *,
+def render_status(data: Mapping[str, Any],
+                  connectors: Sequence[Mapping[str, Any]] | None = None, *,
                   connector_error: str | None = None, note: str | None = None) -> Group:
     """The `status` view: the source line, the sites table, the connectors table if any.
 
-    `connector_error` (the connectors' state could not be read) and `note` (e.g. "refreshing
-    every 2 s" or the error of the last refresh) are printed under the tables."""
+    `connectors` defaults to the status object's own `connectors` list (entries with an
+    `error` key: their state could not be read). `connector_error` (a problem with all of
+    them) and `note` (e.g. "refreshing every 2 s" or the error of the last refresh) are
+    printed under the tables."""
+    if connectors is None:
+        connectors = data.get("connectors") or ()
     parts: list[RenderableType] = [render_source(data.get("source", {})),
                                    render_sites(data.get("sites", []))]
     if connectors:

@@ -12,6 +12,7 @@ A user merge function that raises is marked so the applier dead-letters that cha
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ..changes import UNCHANGED_TOAST, Op, TxBegin
+from ..changes import UNCHANGED_TOAST, Change, Op, TxBegin
 from ..protocol import ReplicaIdentity
 from ..resolve import Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
@@ -54,10 +55,14 @@ def _local_rows_sql(st: SiteTable, with_ts: bool) -> sql.Composed:
                     "pg_replication_origin o WHERE o.roident = "
                     "(pg_xact_commit_timestamp_origin(t.xmin)).roident)")
             if with_ts else sql.SQL("NULL::timestamptz, NULL::text"))
+    # FOR UPDATE: a local write that commits between this read and our write must not be
+    # overwritten unseen; it waits for us instead and then wins or loses on its own time.
+    # Locking in key order keeps deadlocks with local transactions rare.
     return sql.SQL(
         "SELECT {kcols}, {cols}, {meta} FROM {t} AS t JOIN unnest({params}) AS v({aliases}) "
-        "ON {where}"
+        "ON {where} ORDER BY {order} FOR UPDATE OF t"
     ).format(
+        order=sql.SQL(", ").join(sql.SQL("t.{}").format(st.col(i)) for i in st.key),
         kcols=sql.SQL(", ").join(sql.SQL("v.{}").format(k) for k in keys), cols=cols, meta=meta,
         t=st.ident, params=sql.SQL(", ").join(sql.SQL("%b::text[]") for _ in keys),
         aliases=sql.SQL(", ").join(keys),
@@ -90,7 +95,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     tombs = _fetch_tombstones(cur, table.qualified, names, befores)
     commit_ts = begin.commit_ts if begin else datetime.now().astimezone()
     full = table.replica_identity is ReplicaIdentity.FULL
-    writes: list[tuple[tuple[Any, ...], tuple[Any, ...], dict[str, str | None]]] = []
+    writes: list[_Write] = []
     deletes: list[tuple[tuple[Any, ...], str | None]] = []
     conflicts = 0
     strategy = getattr(resolver, "strategy", "")
@@ -117,7 +122,8 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
             after = before
             if ch.op is Op.UPDATE and ch.new is not None:
                 after = tuple(ch.new[i] for i in key)
-            writes.append((before, after, dict(decision.row)))
+            writes.append(_Write(before, after, dict(decision.row), ch,
+                                 fresh=before not in local and before == after))
         elif decision.action == "delete":
             tomb = decision.tombstone
             version = tomb.version if tomb is not None else None
@@ -125,7 +131,16 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
                 src = incoming.old or (here.values if here else None) or {}
                 version = src.get(version_column)
             deletes.append((before, version))
-    _write_rows(cur, st, writes)
+    raced = _write_rows(cur, st, writes)
+    if raced:
+        # Rows inserted locally since we looked (our insert found them): decide again, now
+        # that they exist and are locked.
+        again = Run(run.op, run.table, tuple(w.change for w in raced), run.columns)
+        more_applied, more_conflicts = apply_resolved(writer, cur, st, again, begin, resolver)
+        conflicts += more_conflicts
+        writes = [w for w in writes if w not in raced]
+    else:
+        more_applied = 0
     if deletes:
         cur.execute(_sql.delete_sql(st), columns([d[0] for d in deletes]))
         cur.execute(
@@ -137,29 +152,48 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
              str(begin.commit_lsn) if begin else None,
              [Jsonb(dict(zip(names, d[0], strict=True))) for d in deletes],
              [d[1] for d in deletes]))
-    revived = [w[1] for w in writes if w[1] in tombs or w[0] in tombs]
+    revived = [w.after for w in writes if w.after in tombs or w.before in tombs]
     if revived:
         cur.execute("DELETE FROM cdc_sync.tombstones WHERE table_name = %s AND key = ANY(%s::jsonb[])",
                     (table.qualified, [Jsonb(dict(zip(names, k, strict=True))) for k in revived]))
-    return len(writes) + len(deletes), conflicts
+    return len(writes) + len(deletes) + more_applied, conflicts
 
 
-def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable,
-                writes: Sequence[tuple[tuple[Any, ...], tuple[Any, ...], dict[str, str | None]]]
-                ) -> None:
+@dataclass(frozen=True, slots=True, eq=False)
+class _Write:
+    """A decided write: the row's key before and after, the row, its change, and whether we
+    saw no row under that key (then it is inserted only if still absent)."""
+
+    before: tuple[Any, ...]
+    after: tuple[Any, ...]
+    row: dict[str, str | None]
+    change: Change
+    fresh: bool
+
+
+def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable, writes: Sequence[_Write]) -> list[_Write]:
+    """Write the decided rows; return the fresh ones a concurrent local insert got to first."""
     if not writes:
-        return
-    moved = [w[0] for w in writes if w[0] != w[1]]
+        return []
+    moved = [w.before for w in writes if w.before != w.after]
     if moved:
         cur.execute(_sql.delete_sql(st), columns(moved))
     index = {c: i for i, c in enumerate(st.table.columns)}
-    groups: dict[tuple[int, ...], list[dict[str, str | None]]] = {}
-    for _b, _a, row in writes:
-        cols = tuple(sorted(index[c] for c in row if c in index))
-        groups.setdefault(cols, []).append(row)
-    for cols, rows in groups.items():
+    groups: dict[tuple[tuple[int, ...], bool], list[_Write]] = {}
+    for w in writes:
+        cols = tuple(sorted(index[c] for c in w.row if c in index))
+        groups.setdefault((cols, w.fresh), []).append(w)
+    raced: list[_Write] = []
+    for (cols, fresh), group in groups.items():
         names = [st.table.columns[i] for i in cols]
-        cur.execute(_sql.insert_sql(st, cols, True), [text_array([r[n] for r in rows]) for n in names])
+        params = [text_array([w.row[n] for w in group]) for n in names]
+        if not fresh:
+            cur.execute(_sql.insert_sql(st, cols, True), params)
+            continue
+        cur.execute(_sql.insert_absent_sql(st, cols), params)
+        inserted = {tuple(r) for r in cur.fetchall()}
+        raced.extend(w for w in group if w.after not in inserted)
+    return raced
 
 
 def _fetch_tombstones(cur: psycopg.Cursor[Any], table: str, names: list[str],

@@ -208,3 +208,13 @@ def existing_keys_sql(st: SiteTable) -> sql.Composed:
         t=st.ident, params=_params(len(keys)), aliases=sql.SQL(", ").join(keys),
         where=_key_match(st, keys),
     )
+
+
+def insert_absent_sql(st: SiteTable, columns: Sequence[int]) -> sql.Composed:
+    """INSERT rows whose key is absent (ON CONFLICT DO NOTHING), returning the inserted keys
+    as text: a key missing from the result was inserted concurrently by someone else."""
+    return sql.SQL("{ins} ON CONFLICT ({k}) DO NOTHING RETURNING {ret}").format(
+        ins=insert_sql(st, columns, False),
+        k=sql.SQL(", ").join(st.col(i) for i in st.key),
+        ret=sql.SQL(", ").join(sql.SQL("{}::text").format(st.col(i)) for i in st.key),
+    )

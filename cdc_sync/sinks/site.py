@@ -294,9 +294,8 @@ class SiteWriter:
         resolver = self.opts.resolver_for(st.table.qualified) if st.upsert else None
         if resolver is not None and getattr(resolver, "needs_local_rows", True):
             from ._resolving import apply_resolved
-            applied, conflicts = apply_resolved(self, cur, st, run, begin, resolver)
-            self.conflicts += conflicts
-            return applied
+            applied, _conflicts = apply_resolved(self, cur, st, run, begin, resolver)
+            return applied  # conflicts were counted as they were logged
         return self._apply_fast(cur, st, run, begin)
 
     def _apply_fast(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
