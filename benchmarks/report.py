@@ -171,7 +171,8 @@ def markdown_table(results: Sequence[ScenarioResult], meta: dict[str, Any]) -> s
         "# cdc-sync vs. native logical replication",
         "",
         f"{meta['date']} · {meta['server']} · {meta['cpus']} CPUs · "
-        f"median of {meta['repetitions']} repetition(s)",
+        f"median of {meta['repetitions']} repetition(s) · load average "
+        f"{meta['load_average']['start']} → {meta['load_average']['end']}",
         "",
         "| " + " | ".join(_HEADER) + " |",
         "|" + "|".join("---" for _ in _HEADER) + "|",

@@ -107,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if repetitions < 1:
         parser.error("--repetitions must be at least 1")
     results: list[ScenarioResult] = []
+    load_before = os.getloadavg()
     try:
         with Harness.open(args.server) as harness:
             server, code = harness.server, harness.code
@@ -124,9 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repetitions": repetitions,
         "quick": args.quick,
         "scenarios_run": [s.key for s in scenarios],
+        # 1-minute load averages: far above the CPU count, other work competed with the run
+        "load_average": {"start": round(load_before[0], 2),
+                         "end": round(os.getloadavg()[0], 2)},
     }
     print(f"\ncdc-sync vs. native logical replication — {server}, median of {repetitions}\n")
     print(text_table(results), end="")
+    cpus = os.cpu_count() or 1
+    if max(meta["load_average"].values()) > cpus:
+        print(f"\nwarning: load average {meta['load_average']} on {cpus} CPUs: other work "
+              "competed with this run; its figures are noisy")
     json_path, md_path = write_results(results, meta, args.results_dir)
     print(f"\nwritten: {json_path}, {md_path}")
     return 1 if any(r.error is not None for r in results) else 0

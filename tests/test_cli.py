@@ -30,7 +30,7 @@ from integration.helpers import (
 )
 from rich.console import Console
 
-from cdc_sync import cli, commands, ui
+from cdc_sync import cli, ui
 from cdc_sync.errors import CdcSyncError
 
 SECRET = "s3cr3t-pw"
@@ -140,6 +140,17 @@ def test_render_status_shows_slot_sites_and_connectors() -> None:
     assert "[postgresql://u:***@paris:5432/db]" in text  # brackets print as themselves
     assert SECRET not in text
     assert "audit" in text and "17" in text and "HTTP 503" in text
+
+
+def test_render_status_takes_connectors_from_the_status_object() -> None:
+    data = {**STATUS, "connectors": [
+        {"name": "audit", "backlog": 3, "delivered_seq": 9, "last_error": None,
+         "last_error_at": None, "last_delivery_at": "2026-11-28T12:00:30+00:00"},
+        {"name": "crm", "error": "outbox site berlin (db:5432/x): connection refused"}]}
+    text = render(ui.render_status(data))
+    audit = next(line for line in text.splitlines() if "│ audit" in line)
+    assert "3" in audit and "9" in audit and "2026-11-28 12:00:30" in audit
+    assert "state unknown: outbox site berlin (db:5432/x): connection refused" in text
 
 
 def test_render_status_connector_error_and_note() -> None:

@@ -219,9 +219,9 @@ def test_a_lost_site_connection_is_not_a_dead_letter(new_db: Callable[..., str])
     assert_same_tables(source, [site1, site2])
 
 
-def test_dead_letters_cli(make_db: Callable[..., str], tmp_path: Any) -> None:
+def test_dead_letters_cli(new_db: Callable[..., str], tmp_path: Any) -> None:
     """`dead-letters [--site] [--json]` lists them, `dead-letters retry` re-applies them."""
-    source, site1, site2 = make_db("src"), make_db("strict"), make_db("twin")
+    source, site1, site2 = new_db("src"), new_db("strict"), new_db("twin")
     execute(source, ITEM)
     execute(site1, STRICT_ITEM)
     data = make_settings(source, [site1, site2])

@@ -119,7 +119,7 @@ class PipelineThread:
     def _run(self) -> None:
         try:
             self.pipeline.run()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             self.error = exc
 
     def start(self) -> PipelineThread:
@@ -219,6 +219,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_streaming(settings: Settings, timeout: float = 30) -> None:
+    """Wait until a replicator holds the slot (it is past start-up and streaming)."""
+    def active() -> bool:
+        row = slot_row(settings.source.dsn, settings.source.slot)
+        return row is not None and bool(row["active"])
+    wait_for(active, timeout, f"slot {settings.source.slot} to be active")
 
 
 def site_applied(settings: Settings) -> dict[str, Lsn | None]:

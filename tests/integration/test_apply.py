@@ -129,7 +129,8 @@ def test_primary_key_changes(env: Env) -> None:
                 "UPDATE k SET id = 12, v = 'was 11' WHERE id = 11")
         # shift a range of keys up by one, highest first
         execute(env.source, "DELETE FROM k WHERE id = 20",
-                *[f"UPDATE k SET id = {i + 1} WHERE id = {i}" for i in range(19, 14, -1)])
+                *[sql.SQL("UPDATE k SET id = {} WHERE id = {}").format(i + 1, i)
+                  for i in range(19, 14, -1)])
         # key moved away and the old key reused by a new row in the same transaction
         execute(env.source, "UPDATE k SET id = 100 WHERE id = 5",
                 "INSERT INTO k VALUES (5, 'new five')")

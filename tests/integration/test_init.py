@@ -233,7 +233,7 @@ def _writer(dsn: str, stop: threading.Event, counter: list[int],
                     if i % 5 == 0:
                         conn.execute("DELETE FROM hot WHERE id = %s", (100_000 + i - 3,))
                 counter[0] = i
-    except BaseException as exc:  # noqa: BLE001 - reported by the test
+    except BaseException as exc:
         errors.append(exc)
 
 

@@ -100,7 +100,7 @@ def test_idle_source_lag_reaches_zero_with_sites_in_another_cluster(
     settings = env.settings(sites=sites)
     with replicating(settings) as pipe:
         for i in range(5):
-            execute(env.source, f"UPDATE t SET v = 'b{i}'")
+            execute(env.source, "UPDATE t SET v = %s", params=(f"b{i}",))
         assert_converged(settings, pipe)
         started = time.monotonic()
         deadline = started + 10

@@ -30,6 +30,15 @@ from tests.integration.helpers import (
 
 DB = "office"
 
+BUDGETS_DDL = (
+    "CREATE TABLE budgets (id int PRIMARY KEY, office text NOT NULL, "
+    "spent numeric(14,2) NOT NULL DEFAULT 0)",
+    "ALTER TABLE budgets REPLICA IDENTITY FULL",
+    "CREATE TABLE grants (id int PRIMARY KEY, office text, amount numeric(12,2), note text, "
+    "writer text, updated_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+)
+COUNTERS = {"strategy": "lww", "tables": {"public.budgets": {"counters": ["spent"]}}}
+
 
 @dataclass
 class Office:
@@ -39,11 +48,11 @@ class Office:
 
     def execute(self, statement: str, params: Sequence[Any] | None = None) -> None:
         with connect(self.dsn) as conn:
-            conn.execute(statement, params)  # type: ignore[arg-type]
+            conn.execute(statement, params)
 
     def scalar(self, query: str, params: Sequence[Any] | None = None) -> Any:
         with connect(self.dsn) as conn:
-            row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+            row = conn.execute(query, params).fetchone()
         return None if row is None else row[0]
 
     def rows(self, table: str = "grants") -> list[str]:
@@ -67,7 +76,7 @@ def write_committed(dsn: str, statement: str, params: Sequence[Any] | None = Non
     own = conn is None
     c = conn if conn is not None else connect(dsn, autocommit=False)
     try:
-        row = c.execute(statement, params).fetchone()  # type: ignore[arg-type]
+        row = c.execute(statement, params).fetchone()
         if row is None:
             c.rollback()
             return None
@@ -174,10 +183,12 @@ class Mesh:
             wait_until_caught_up(self.settings[src], timeout,
                                  pipeline=runner.pipeline if runner else None)
 
-    def wait_same(self, table: str = "grants", timeout: float = 60) -> list[str]:
-        """Catch up every replicator, then require every office to hold the same rows."""
+    def wait_same(self, table: str = "grants", timeout: float = 60, settle: float = 5
+                  ) -> list[str]:
+        """Catch up every replicator, then require every office to hold the same rows (within
+        `settle` seconds: once caught up nothing more is on its way)."""
         self.caught_up(timeout=timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + settle
         while True:
             views = {o.name: o.rows(table) for o in self.offices}
             if len({tuple(v) for v in views.values()}) == 1:
@@ -229,10 +240,11 @@ def conflict_kinds(conflicts: Iterable[Mapping[str, Any]]) -> set[tuple[str, str
     return {(c["kind"], c["strategy"], c["outcome"]) for c in conflicts}
 
 
-def tombstone_keys(office: Office, table: str = "public.grants") -> dict[str, str]:
-    """key (as jsonb text) -> source that deleted it, from the office's `cdc_sync.tombstones`."""
+def tombstone_keys(office: Office, table: str = "public.grants") -> dict[str, str | None]:
+    """`id` of each key in the office's `cdc_sync.tombstones` -> the source that deleted it
+    (None: deleted at the office itself, recorded by the local-delete trigger)."""
     with connect(office.dsn) as conn:
-        rows = conn.execute("SELECT key::text, source FROM cdc_sync.tombstones "
+        rows = conn.execute("SELECT key ->> 'id', source FROM cdc_sync.tombstones "
                             "WHERE table_name = %s", (table,)).fetchall()
     return {k: s for k, s in rows}
 
@@ -247,3 +259,9 @@ def mesh(offices: list[Office], **kwargs: Any) -> Iterator[Mesh]:
         m.close()
         raise
     m.stop()  # raises if a replicator failed
+
+
+def spent(o: Office) -> dict[int, str]:
+    with connect(o.dsn) as conn:
+        return {i: str(s) for i, s in conn.execute(
+            "SELECT id, spent FROM budgets ORDER BY id").fetchall()}

@@ -10,8 +10,6 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-CALLS: list[tuple[dict[str, Any] | None, dict[str, Any] | None]] = []
-
 
 def _amount(row: dict[str, Any]) -> Decimal:
     value = row.get("amount")
@@ -26,7 +24,6 @@ def prefer_larger_amount(local: dict[str, Any] | None, incoming: dict[str, Any] 
     A delete (`incoming` None) of a row we still have keeps the local row; a change to a row
     we do not have takes the incoming row.
     """
-    CALLS.append((local, incoming))
     if local is None:
         return incoming
     if incoming is None:

@@ -11,6 +11,10 @@ own transaction: exactly the time the source stream carries) and what it wrote. 
   exactly that version (a delete carries the version it deleted: REPLICA IDENTITY FULL);
 - nothing loops: once converged, the offices' tuple counters stay still for 5 s;
 - conflicts were logged, with kind, strategy and outcome.
+
+A writer's statement may fail with a deadlock against an applier (a local DELETE takes the
+row lock, then the tombstone trigger's lock; an applier can take them the other way round
+within one transaction): like any client, the writer goes on, and nothing was committed.
 """
 
 from __future__ import annotations
@@ -18,19 +22,21 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 import pytest
 
 from cdc_sync.embedded import ServerBinaries
 from cdc_sync.resolve import CONFLICT_KINDS, OUTCOMES
 from cdc_sync.resolve._versions import parse_timestamp
+from tests.integration.helpers import connect
 
 from .helpers import Mesh, Office, mesh, tuple_counters
-from tests.integration.helpers import connect
 
 OFFICES = ("berlin", "tokyo", "washington")
 KEYS = 10
@@ -39,6 +45,15 @@ MAX_WRITES = 1500  # per office
 STILL_SECONDS = 5.0
 
 MakeOffices = Callable[..., list[Office]]
+
+# The offices diverge on a key or two in most runs with commit timestamps (about one run in
+# four with the version column): the applier reads a site's rows without locking them, decides,
+# then upserts/deletes by key, so a write committed at the site in between (by the office itself
+# or by the applier of another office) is overwritten or resurrected there and only there.
+# test_apply_races.py reproduces it deterministically (strict xfails). Until it is fixed, a
+# divergence here ends the test as an expected failure, after every other check (keys the
+# offices agree on hold their last write, nothing loops, conflicts logged) has passed.
+KNOWN_DIVERGENCE = "BUG: apply race (deterministic reproductions: test_apply_races.py)"
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ def run_writers(made: list[Office], seconds: float = SECONDS) -> list[Write]:
     """One writer per office for `seconds` (at most MAX_WRITES each); every committed write."""
     log: list[Write] = []
     errors: list[BaseException] = []
+    deadlocks: list[str] = []
     lock = threading.Lock()
     start = threading.Barrier(len(made))
 
@@ -83,14 +99,19 @@ def run_writers(made: list[Office], seconds: float = SECONDS) -> list[Write]:
                         ("update", UPDATE) if r < 0.8 else ("delete", DELETE))
                     params = {"k": k, "o": o.name, "a": rng.randint(1, 99_999),
                               "w": f"{o.name}#{n}"}
-                    row = conn.execute(stmt + RETURNING, params).fetchone()
+                    try:
+                        row = conn.execute(stmt + RETURNING, params).fetchone()
+                    except psycopg.errors.DeadlockDetected:
+                        # With the applier (see the module docstring): rolled back, go on.
+                        deadlocks.append(o.name)
+                        continue
                     if row is not None:
                         ts = conn.execute("SELECT pg_xact_commit_timestamp(xid(%s::xid8))",
                                           (row[3],)).fetchone()
                         assert ts is not None and ts[0] is not None
                         mine.append(Write(o.name, k, op, ts[0], row[0], row[1], row[2]))
                     time.sleep(rng.uniform(0, 0.01))
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:
             errors.append(exc)
         with lock:
             log.extend(mine)
@@ -101,6 +122,8 @@ def run_writers(made: list[Office], seconds: float = SECONDS) -> list[Write]:
     for t in threads:
         t.join(seconds + 60)
     assert not errors, f"a writer failed: {errors[0]!r}"
+    if deadlocks:
+        print(f"writes rolled back by deadlocks with the applier: {Counter(deadlocks)}")
     return log
 
 
@@ -132,6 +155,28 @@ def expected_by_version(log: list[Write]) -> dict[int, tuple[str, str, str] | No
     return out
 
 
+def history(log: list[Write], keys: Iterable[int], last: int = 4) -> dict[int, list[str]]:
+    """The last writes (by commit time) of `keys`, for failure messages."""
+    out = {}
+    for k in keys:
+        writes = sorted((w for w in log if w.key == k), key=lambda w: w.commit_ts)[-last:]
+        out[k] = [f"{w.commit_ts.time()} {w.op} {w.writer} v={w.version}" for w in writes]
+    return out
+
+
+def conflicts_of(m: Mesh, keys: Iterable[int], last: int = 3) -> dict[str, list[str]]:
+    """The last conflicts logged for `keys` at each office, for failure messages."""
+    wanted = {str(k) for k in keys}
+    out = {}
+    for o in m.offices:
+        found = [c for c in m.conflicts_at(o.name) if str(c["key"].get("id")) in wanted]
+        out[o.name] = [
+            f"{c['key']['id']} {c['kind']} {c['outcome']} from {c['source']} "
+            f"{(c['incoming_row'] or {}).get('writer')} @{c['commit_ts']} vs local "
+            f"{(c['local_row'] or {}).get('writer')}" for c in found[:last]]
+    return out
+
+
 def actual(o: Office) -> dict[int, tuple[str, str, str] | None]:
     with connect(o.dsn) as conn:
         rows = conn.execute("SELECT id, writer, amount::text, updated_at::text FROM grants"
@@ -157,25 +202,32 @@ def check_run(made: list[Office], conflicts: dict[str, Any],
         log = run_writers(made)
         counts = {o: sum(1 for w in log if w.office == o) for o in OFFICES}
         assert all(n > 100 for n in counts.values()), counts
-        rows = m.wait_same()
-        assert rows, "every row ended up deleted: the workload proves little"
-        want = {k: None for k in range(1, KEYS + 1)} | expected(log)
-        got = actual(made[0])
-        wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
-        assert not wrong, f"keys not holding their last write (got, expected): {wrong}"
+        m.caught_up()  # every write has been applied everywhere: the state is final
+        views = {o.name: actual(o) for o in made}
+        keys = range(1, KEYS + 1)
+        diverged = [k for k in keys if len({repr(v[k]) for v in views.values()}) > 1]
+        final = {k: views[made[0].name][k] for k in keys if k not in diverged}
+        assert any(v is not None for v in final.values()), "no row left: the run proves little"
+        want = {k: None for k in keys} | expected(log)
+        wrong = {k: (v, want[k]) for k, v in final.items() if v != want[k]}
+        assert not wrong, (f"keys the offices agree on but not holding their last write "
+                           f"(got, expected): {wrong}; their last writes: {history(log, wrong)}")
         assert_still(m)
         logged = m.all_conflicts()
+        print(f"writes {counts}, {sum(v is not None for v in final.values())} rows left, "
+              f"{len(logged)} conflicts logged: "
+              f"{sorted(Counter((c['kind'], c['outcome']) for c in logged).items())}")
         assert logged, "no conflict was logged"
         for c in logged:
             assert c["kind"] in CONFLICT_KINDS and c["outcome"] in OUTCOMES, c
             assert c["strategy"] == "lww", c
+        if diverged:
+            differ = {k: {o: v[k] for o, v in views.items()} for k in diverged}
+            pytest.xfail(f"{KNOWN_DIVERGENCE}: offices differ on keys {differ}; last writes: "
+                         f"{history(log, diverged, 3)}; their conflicts: "
+                         f"{conflicts_of(m, diverged)}")
 
 
-@pytest.mark.xfail(reason="BUG: the applier reads the site's row without locking it and "
-                          "upserts its decision: a local write committed in between is "
-                          "overwritten at that office only (see "
-                          "test_counters.py::test_local_write_committed_during_apply_wins)",
-                   strict=False)
 def test_lww_commit_timestamps(offices: MakeOffices, server_binaries: ServerBinaries) -> None:
     """[conflicts] strategy = "lww", no version column: source commit timestamps decide."""
     check_run(offices(OFFICES), {"strategy": "lww"}, expected_by_commit_time)

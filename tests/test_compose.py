@@ -1,0 +1,101 @@
+"""The docker compose setup: `docker compose config -q` when a compose client is here, and
+checks of deploy/ that always run (the TOML is a valid configuration whose DSNs name the
+compose services, Prometheus scrapes the port the replicator serves).
+
+No container engine is needed (none is available here): `docker compose config` only reads
+and validates the files.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from cdc_sync.config import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+TOML = ROOT / "deploy" / "cdc-sync.toml"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+PASSWORD_VAR = "CDC_SYNC_DB_PASSWORD"
+
+
+def _compose_client() -> list[str] | None:
+    """`docker compose` (the plugin), else a standalone `docker-compose`, else None."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True,
+                               text=True, timeout=30, check=False)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def _services(text: str) -> list[str]:
+    """Top-level service names of the compose file (two-space keys under `services:`)."""
+    block = text.split("\nservices:\n", 1)[1].split("\nvolumes:\n", 1)[0]
+    return re.findall(r"^  ([a-z0-9_-]+):\s*$", block, re.M)
+
+
+def test_compose_config_is_valid(tmp_path: Path) -> None:
+    client = _compose_client()
+    if client is None:
+        pytest.skip("no `docker compose` plugin or `docker-compose` here to validate with")
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
+           PASSWORD_VAR: "not-a-real-password"}
+    proc = subprocess.run([*client, "-f", str(COMPOSE), "config", "-q"], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=str(ROOT), check=False)
+    assert proc.returncode == 0, proc.stderr
+    # Without the password the file refuses to start (no default password anywhere).
+    del env[PASSWORD_VAR]
+    proc = subprocess.run([*client, "-f", str(COMPOSE), "config", "-q"], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=str(ROOT), check=False)
+    assert proc.returncode != 0
+    assert PASSWORD_VAR in proc.stderr
+
+
+def test_deploy_config_matches_the_compose_services() -> None:
+    text = COMPOSE.read_text()
+    services = _services(text)
+    assert {"source", "site1", "site2", "init", "replicator", "prometheus"} <= set(services)
+    settings = load_settings(TOML, environ={PASSWORD_VAR: "pw"})
+    for dsn in [settings.source.dsn, *(s.dsn for s in settings.sites)]:
+        parts = conninfo_to_dict(dsn)
+        assert parts["host"] in services, dsn
+        assert parts["password"] == "pw" and parts["port"] == "5432"
+    assert [s.name for s in settings.sites] == ["site1", "site2"]
+    # The password is never written down: only ${CDC_SYNC_DB_PASSWORD} references.
+    assert "${" + PASSWORD_VAR in TOML.read_text()
+    values = re.findall(r"^\s*(?:POSTGRES_PASSWORD|CDC_SYNC_DB_PASSWORD):\s*(.*)$", text, re.M)
+    assert len(values) == 2 and all(v.startswith("${" + PASSWORD_VAR + ":?") for v in values)
+
+
+def test_prometheus_scrapes_the_replicator_metrics_port() -> None:
+    text = COMPOSE.read_text()
+    command = re.search(r"^  replicator:\n(?:    .*\n|\n)*?    command: \[(.*)\]$", text, re.M)
+    assert command, "replicator has no command list"
+    args = [a.strip().strip('"') for a in command.group(1).split(",")]
+    assert "run" in args
+    port = args[args.index("--metrics-port") + 1]
+    assert args[args.index("--metrics-host") + 1] == "0.0.0.0"  # reachable from prometheus
+    targets = re.findall(r'targets:\s*\[\s*"([^"]+)"\s*\]', PROMETHEUS.read_text())
+    assert targets == [f"replicator:{port}"]
+    assert "wal_level=logical" in text and "track_commit_timestamp=on" in text
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml" in text
+    assert "./deploy/cdc-sync.toml:" in text
+
+
+def test_dockerfile_installs_the_package_with_cdc_sync_as_entrypoint() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and "FROM python:3.12-slim" in dockerfile
+    assert re.search(r"^RUN pip install \.", dockerfile, re.M)
+    assert 'ENTRYPOINT ["cdc-sync"]' in dockerfile
+    # Everything `pip install .` needs is copied (hatch force-includes migrations/).
+    for needed in ("pyproject.toml", "README.md", "cdc_sync", "migrations"):
+        assert re.search(rf"^COPY .*\b{re.escape(needed)}\b", dockerfile, re.M), needed
