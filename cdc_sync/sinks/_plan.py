@@ -36,15 +36,45 @@ def _has_placeholder(values: TupleData) -> bool:
     return UNCHANGED_TOAST in values
 
 
-def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Iterator[Run]:
+def by_table(changes: Sequence[Change]) -> list[Change]:
+    """The same changes grouped by table, each table's changes in their order.
+
+    Valid inside one target transaction when nothing links rows of different tables while it
+    runs (foreign keys and triggers are off under `session_replication_role = replica`): only
+    the final state is visible. Truncates and messages stay barriers.
+    """
+    out: list[Change] = []
+    groups: dict[int, list[Change]] = {}
+    for ch in changes:
+        table = ch.table
+        if table is None:
+            for g in groups.values():
+                out.extend(g)
+            groups = {}
+            out.append(ch)
+            continue
+        groups.setdefault(table.oid, []).append(ch)
+    for g in groups.values():
+        out.extend(g)
+    return out
+
+
+def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]], *,
+              compact: frozenset[int] | set[int] = frozenset()) -> Iterator[Run]:
     """Yield runs in order. `keys` maps a table oid to the column indexes identifying a row
     on the site; a table absent from `keys` is keyless: each of its row changes is its own run.
+
+    For tables in `compact`, an update that rewrites a whole row under the same key replaces
+    an earlier such update of that key in the run (the earlier one's effect is entirely
+    overwritten), instead of ending the run: a hot row updated by every transaction of a batch
+    costs one statement, not one per transaction.
     """
     current: list[Change] = []
     cur_op: Op | None = None
     cur_table: Table | None = None
     cur_cols: tuple[int, ...] = ()
     seen: set[object] = set()
+    simple: dict[object, int] = {}  # key -> index in `current` of a whole-row same-key update
     INSERT, UPDATE, DELETE = Op.INSERT, Op.UPDATE, Op.DELETE
 
     for ch in changes:
@@ -52,20 +82,24 @@ def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> It
         if table is None or op is Op.TRUNCATE or op is Op.MESSAGE:
             if current:
                 yield Run(cur_op or op, cur_table, tuple(current), cur_cols)
-                current, seen = [], set()
+                current, seen, simple = [], set(), {}
             cur_op, cur_table, cur_cols = op, None, ()
             yield Run(op, table, (ch,))
             continue
         key = keys.get(table.oid)
         cols: tuple[int, ...] = ()
+        whole = True
         if op is UPDATE:
             new = ch.new
             assert new is not None
-            cols = sent_columns(new) if _has_placeholder(new) else _all_columns(table)
+            if _has_placeholder(new):
+                cols, whole = sent_columns(new), False
+            else:
+                cols = _all_columns(table)
         if key is None:
             if current:
                 yield Run(cur_op or op, cur_table, tuple(current), cur_cols)
-                current, seen = [], set()
+                current, seen, simple = [], set(), {}
             cur_op, cur_table, cur_cols = op, table, cols
             yield Run(op, table, (ch,), cols)
             continue
@@ -82,12 +116,20 @@ def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> It
         if op is UPDATE and ch.old is not None:
             old = ch.old
             k2 = old[key[0]] if len(key) == 1 else tuple(old[i] for i in key)
-        if not (current and op is cur_op and table is cur_table and cols == cur_cols
-                and k1 not in seen and k2 not in seen):
+        same_run = (current and op is cur_op and table is cur_table and cols == cur_cols)
+        if same_run and k1 not in seen and k2 not in seen:
+            pass
+        elif (same_run and op is UPDATE and whole and k1 == k2 and table.oid in compact
+              and k1 in simple):
+            current[simple[k1]] = ch
+            continue
+        else:
             if current:
                 yield Run(cur_op or op, cur_table, tuple(current), cur_cols)
-            current, seen = [], set()
+            current, seen, simple = [], set(), {}
             cur_op, cur_table, cur_cols = op, table, cols
+        if op is UPDATE and whole and k1 == k2:
+            simple[k1] = len(current)
         current.append(ch)
         seen.add(k1)
         if k2 is not k1:

@@ -93,14 +93,16 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
         values = dict(zip(table.columns, r[nk:nk + len(table.columns)], strict=True))
         local[tuple(r[:nk])] = LocalRow(values, r[-2], origin_source(r[-1], writer.opts.site))
     tombs = _fetch_tombstones(cur, table.qualified, names, befores)
-    commit_ts = begin.commit_ts if begin else datetime.now().astimezone()
+    fallback_ts = begin.commit_ts if begin else datetime.now().astimezone()
     full = table.replica_identity is ReplicaIdentity.FULL
     writes: list[_Write] = []
-    deletes: list[tuple[tuple[Any, ...], str | None]] = []
+    deletes: list[tuple[tuple[Any, ...], str | None, datetime, TxBegin | None]] = []
     conflicts = 0
     strategy = getattr(resolver, "strategy", "")
     version_column = getattr(resolver, "version_column", None)
     for ch, before in zip(run.changes, befores, strict=True):
+        ch_begin = writer.begin_for(ch, begin)
+        commit_ts = ch_begin.commit_ts if ch_begin else fallback_ts
         unchanged = frozenset(
             table.columns[i] for i, v in enumerate(ch.new) if v is UNCHANGED_TOAST
         ) if ch.new is not None and UNCHANGED_TOAST in ch.new else frozenset()
@@ -130,7 +132,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
             if version is None and version_column:
                 src = incoming.old or (here.values if here else None) or {}
                 version = src.get(version_column)
-            deletes.append((before, version))
+            deletes.append((before, version, commit_ts, ch_begin))
     raced = _write_rows(cur, st, writes)
     if raced:
         # Rows inserted locally since we looked (our insert found them): decide again, now
@@ -145,13 +147,14 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
         cur.execute(_sql.delete_sql(st), columns([d[0] for d in deletes]))
         cur.execute(
             "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
-            "SELECT %s, k, %s, v, %s, %s::pg_lsn FROM unnest(%s::jsonb[], %s::text[]) AS u(k, v) "
+            "SELECT %s, k, d, v, %s, l::pg_lsn FROM unnest(%s::jsonb[], %s::text[], "
+            "%s::timestamptz[], %s::text[]) AS u(k, v, d, l) "
             "ON CONFLICT (table_name, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, "
             "version = EXCLUDED.version, source = EXCLUDED.source, lsn = EXCLUDED.lsn",
-            (table.qualified, commit_ts, writer.source,
-             str(begin.commit_lsn) if begin else None,
+            (table.qualified, writer.source,
              [Jsonb(dict(zip(names, d[0], strict=True))) for d in deletes],
-             [d[1] for d in deletes]))
+             [d[1] for d in deletes], [d[2] for d in deletes],
+             [str(d[3].commit_lsn) if d[3] else None for d in deletes]))
     revived = [w.after for w in writes if w.after in tombs or w.before in tombs]
     if revived:
         cur.execute("DELETE FROM cdc_sync.tombstones WHERE table_name = %s AND key = ANY(%s::jsonb[])",

@@ -41,7 +41,7 @@ from ..protocol import (
 )
 from . import _sql
 from ._arrays import columns, text_array
-from ._plan import Run, plan_runs, sent_columns
+from ._plan import Run, by_table, plan_runs, sent_columns
 from ._rows import describe_change, key_dict
 from ._sql import SiteTable
 
@@ -115,6 +115,14 @@ class SiteWriter:
         self._in_tx = False
         self._origin_ready = False
         self._last_purge = time.monotonic()
+        self._begin_of: dict[int, TxBegin] | None = None
+        # Under session_replication_role = replica (no FK checks, no triggers) changes of
+        # different tables in one batch may be applied table by table.
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('session_replication_role') = 'replica'")
+            row = cur.fetchone()
+        conn.rollback()
+        self._replica_role = bool(row and row[0])
         self.dead_letters = 0
         self.conflicts = 0
         if self.opts.origin:
@@ -184,10 +192,41 @@ class SiteWriter:
 
     # -- apply ----------------------------------------------------------------------------
     def apply(self, changes: Sequence[Change], begin: TxBegin | None = None) -> int:
-        """Apply one chunk; return the number of changes written (dead letters excluded)."""
+        """Apply one chunk of one source transaction; return the changes written."""
+        return self._apply(changes, begin, [(begin, changes)] if begin is not None else [])
+
+    def apply_segments(self, segments: Sequence[tuple[TxBegin, Sequence[Change]]]) -> int:
+        """Apply the changes of several consecutive source transactions as one chunk.
+
+        Runs then span transaction boundaries (still in order, see `_plan`), so a stream of
+        small transactions costs a few statements per batch instead of a few per transaction.
+        Each change keeps its own transaction for dead letters, conflicts and events.
+        """
+        if not segments:
+            return 0
+        if len(segments) == 1:
+            return self.apply(segments[0][1], segments[0][0])
+        self._begin_of = {id(ch): b for b, chs in segments for ch in chs}
+        try:
+            return self._apply([ch for _b, chs in segments for ch in chs], segments[-1][0],
+                               segments)
+        finally:
+            self._begin_of = None
+
+    def begin_for(self, change: Change, default: TxBegin | None) -> TxBegin | None:
+        """The source transaction of `change` (inside `apply_segments`), else `default`."""
+        if self._begin_of is None:
+            return default
+        return self._begin_of.get(id(change), default)
+
+    def _apply(self, changes: Sequence[Change], begin: TxBegin | None,
+               segments: Sequence[tuple[TxBegin | None, Sequence[Change]]]) -> int:
         wanted: list[Change] = []
         keys: dict[int, tuple[int, ...]] = {}
+        compact: set[int] = set()
         rejected: list[tuple[Change, SiteError]] = []
+        if len(segments) > 1 and self._replica_role:
+            changes = by_table(changes)
         for ch in changes:
             if ch.op is Op.MESSAGE:
                 continue
@@ -204,8 +243,10 @@ class SiteWriter:
                 continue
             if st.key:
                 keys[st.table.oid] = st.key
+                if st.upsert and self.opts.resolver_for(st.table.qualified) is None:
+                    compact.add(st.table.oid)
             wanted.append(ch)
-        runs = list(plan_runs(wanted, keys))
+        runs = list(plan_runs(wanted, keys, compact=compact))
         n = 0
         with self.conn.cursor() as cur:
             for ch, err in rejected:
@@ -220,8 +261,10 @@ class SiteWriter:
                     raise
                 cur.execute("ROLLBACK TO SAVEPOINT cdc_chunk")
                 n = sum(self._apply_isolated(cur, run, begin) for run in runs)
-            if self.opts.outbox is not None and begin is not None:
-                self._write_outbox(cur, begin, changes)
+            if self.opts.outbox is not None:
+                for seg_begin, seg_changes in segments:
+                    if seg_begin is not None:
+                        self._write_outbox(cur, seg_begin, seg_changes)
         return n
 
     def _apply_isolated(self, cur: psycopg.Cursor[Any], run: Run, begin: TxBegin | None) -> int:
@@ -249,6 +292,7 @@ class SiteWriter:
     def _dead_letter(self, cur: psycopg.Cursor[Any], ch: Change, begin: TxBegin | None,
                      error: str, sqlstate: str | None, key: tuple[int, ...] = ()) -> None:
         info = describe_change(ch, key)
+        begin = self.begin_for(ch, begin)
         log.warning("site %s: dead letter for %s %s: %s", self.opts.site, info["table"],
                     ch.op.value, error)
         cur.execute(
@@ -339,6 +383,7 @@ class SiteWriter:
                      begin: TxBegin | None, kind: str, local: dict[str, Any] | None,
                      strategy: str, outcome: str) -> None:
         info = describe_change(ch, st.key)
+        begin = self.begin_for(ch, begin)
         cur.execute(
             "INSERT INTO cdc_sync.conflicts (source, table_name, kind, key, local_row, "
             "incoming_row, strategy, outcome, lsn, commit_ts) "

@@ -31,7 +31,7 @@ from typing import Final
 
 import psycopg
 
-from ..changes import Table, TxBegin, TxChanges, TxCommit, TxItem
+from ..changes import DEFAULT_CHUNK_SIZE, Change, Table, TxBegin, TxChanges, TxCommit, TxItem
 from ..errors import CdcSyncError, mask_dsn
 from ..protocol import Lsn
 from .site import SiteOptions, SiteWriter, connect_site
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_QUEUE_ITEMS: Final = 32
 DEFAULT_GROUP_MAX_CHANGES: Final = 20_000
 DEFAULT_GROUP_MAX_SECONDS: Final = 0.5
+FLUSH_CHANGES: Final = DEFAULT_CHUNK_SIZE
 BACKOFF_INITIAL: Final = 0.5
 BACKOFF_MAX: Final = 15.0
 
@@ -220,8 +221,25 @@ class SiteWorker(threading.Thread):
         target_started = 0.0
         current: TxBegin | None = None
 
+        # Changes of consecutive small transactions are applied together (see
+        # `SiteWriter.apply_segments`): buffered until FLUSH_CHANGES or the target commit.
+        buffer: list[tuple[TxBegin, tuple[Change, ...]]] = []
+        buffered = 0
+
+        def flush() -> None:
+            nonlocal buffer, buffered, target_changes
+            if buffer:
+                target_changes += writer.apply_segments(buffer)
+                self.dead_letters, self.conflicts = writer.dead_letters, writer.conflicts
+                buffer, buffered = [], 0
+
+        def drop_buffer() -> None:
+            nonlocal buffer, buffered
+            buffer, buffered = [], 0
+
         def commit_target() -> None:
             nonlocal pending, pending_keepalive, target_changes
+            flush()
             if pending is not None:
                 writer.commit(pending[0], pending[1])
                 self.durable_lsn = pending[0]
@@ -239,6 +257,7 @@ class SiteWorker(threading.Thread):
                 # Commit what is complete, forget the rest, and have the stream replayed.
                 if writer.in_transaction and not in_src_tx:
                     commit_target()
+                drop_buffer()
                 writer.rollback()
                 self._detached = False
                 self._drain()
@@ -260,9 +279,11 @@ class SiteWorker(threading.Thread):
             if isinstance(item, _Stop):
                 if writer.in_transaction and not in_src_tx:
                     commit_target()
+                drop_buffer()
                 writer.rollback()
                 return
             if isinstance(item, Reset):
+                drop_buffer()
                 writer.rollback()
                 self._awaiting_reset = False
                 in_src_tx = skipping = False
@@ -282,9 +303,11 @@ class SiteWorker(threading.Thread):
                     writer.begin()
                     target_started = time.monotonic()
             elif isinstance(item, TxChanges):
-                if in_src_tx:
-                    target_changes += writer.apply(item.changes, current)
-                    self.dead_letters, self.conflicts = writer.dead_letters, writer.conflicts
+                if in_src_tx and current is not None:
+                    buffer.append((current, item.changes))
+                    buffered += len(item.changes)
+                    if buffered >= FLUSH_CHANGES:
+                        flush()
             elif isinstance(item, TxCommit):
                 if skipping:
                     skipping = False
@@ -297,7 +320,7 @@ class SiteWorker(threading.Thread):
                 if (
                     not self.group_transactions
                     or self.queue.empty()
-                    or target_changes >= self.group_max_changes
+                    or target_changes + buffered >= self.group_max_changes
                     or time.monotonic() - target_started >= self.group_max_seconds
                 ):
                     commit_target()

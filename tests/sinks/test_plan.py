@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cdc_sync.changes import UNCHANGED_TOAST, Change, Op, Table
 from cdc_sync.protocol import ReplicaIdentity
-from cdc_sync.sinks._plan import plan_runs, sent_columns
+from cdc_sync.sinks._plan import by_table, plan_runs, sent_columns
 
 T = Table(1, "public", "t", ("id", "v", "big"), (23, 25, 25), (-1, -1, -1), (0,), ReplicaIdentity.DEFAULT)
 U = Table(2, "public", "u", ("id", "v"), (23, 25), (-1, -1), (0,), ReplicaIdentity.DEFAULT)
@@ -86,3 +86,29 @@ def test_every_change_appears_once_in_order() -> None:
                ins(T, 3, "1", "c", "b"), upd(U, 4, ("5", "x")), upd(U, 5, ("6", "y"))]
     flat = [c for r in plan_runs(changes, KEYS) for c in r.changes]
     assert flat == changes
+
+
+def test_by_table_keeps_each_tables_order_and_truncate_barriers() -> None:
+    a1, b1, a2, b2 = ins(T, 0, "1", "a", "b"), ins(U, 1, "1", "a"), ins(T, 2, "2", "a", "b"), \
+        ins(U, 3, "2", "a")
+    trunc = Change(Op.TRUNCATE, 4, truncated=(T,))
+    a3 = ins(T, 5, "3", "a", "b")
+    assert by_table([a1, b1, a2, b2, trunc, a3]) == [a1, a2, b1, b2, trunc, a3]
+
+
+def test_compaction_keeps_only_the_last_whole_row_update_of_a_key() -> None:
+    changes = [upd(T, 0, ("1", "a", "b")), upd(T, 1, ("2", "a", "b")),
+               upd(T, 2, ("1", "c", "b")), upd(T, 3, ("1", "d", "b"))]
+    runs = list(plan_runs(changes, KEYS, compact={T.oid}))
+    assert len(runs) == 1
+    assert runs[0].changes == (changes[3], changes[1])
+    # without compaction the same key ends the run
+    assert len(list(plan_runs(changes, KEYS))) == 3
+
+
+def test_compaction_never_swallows_key_changes_or_partial_rows() -> None:
+    move = upd(T, 0, ("2", "a", "b"), old=("1", None, None))
+    after = upd(T, 1, ("2", "c", "b"))
+    partial = upd(T, 2, ("2", "x", UNCHANGED_TOAST))
+    runs = list(plan_runs([move, after, partial], KEYS, compact={T.oid}))
+    assert [r.changes for r in runs] == [(move,), (after,), (partial,)]
