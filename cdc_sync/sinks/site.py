@@ -116,6 +116,9 @@ class SiteWriter:
         self._origin_ready = False
         self._last_purge = time.monotonic()
         self._begin_of: dict[int, TxBegin] | None = None
+        self._dirty = False  # the open target transaction holds applied changes
+        self._deferred: list[Callable[[], None]] | None = None
+        self._queries: dict[tuple[Any, ...], str] = {}
         # Under session_replication_role = replica (no FK checks, no triggers) changes of
         # different tables in one batch may be applied table by table.
         with conn.cursor() as cur:
@@ -168,7 +171,8 @@ class SiteWriter:
         self._in_tx = True
 
     def commit(self, lsn: Lsn, commit_ts: datetime | None) -> None:
-        with self.conn.cursor() as cur:
+        # One round trip: progress and COMMIT travel together (pipeline mode).
+        with self.conn.pipeline(), self.conn.cursor() as cur:
             now = time.monotonic()
             if now - self._last_purge >= TOMBSTONE_PURGE_INTERVAL:
                 self._last_purge = now
@@ -180,11 +184,11 @@ class SiteWriter:
                 cur.execute("SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s)",
                             (str(lsn), commit_ts))
             cur.execute(_sql.PROGRESS_UPSERT, (self.source, str(lsn), commit_ts))
-        self.conn.commit()
-        self._in_tx = False
+            self.conn.commit()
+        self._in_tx = self._dirty = False
 
     def rollback(self) -> None:
-        self._in_tx = False
+        self._in_tx = self._dirty = False
         try:
             self.conn.rollback()
         except psycopg.OperationalError:
@@ -248,24 +252,71 @@ class SiteWriter:
             wanted.append(ch)
         runs = list(plan_runs(wanted, keys, compact=compact))
         n = 0
+        # Runs that need no result back are sent in pipeline mode: one round trip for the
+        # chunk. The first chunk of a target transaction needs no savepoint: on a data error
+        # the whole (otherwise empty) transaction is rolled back and the chunk isolated.
+        first = not self._dirty
+        pipelined = not any(self._needs_results(run) for run in runs)
         with self.conn.cursor() as cur:
-            for ch, err in rejected:
-                self._dead_letter(cur, ch, begin, str(err), None)
             try:
-                cur.execute("SAVEPOINT cdc_chunk")
-                for run in runs:
-                    n += self._apply_run(cur, run, begin)
-                cur.execute("RELEASE SAVEPOINT cdc_chunk")
+                if pipelined:
+                    deferred: list[Callable[[], None]] = []
+                    self._deferred = deferred
+                    try:
+                        with self.conn.pipeline():
+                            if not first:
+                                cur.execute("SAVEPOINT cdc_chunk")
+                            for run in runs:
+                                n += self._apply_run(cur, run, begin)
+                    finally:
+                        self._deferred = None
+                    for check in deferred:
+                        check()
+                else:
+                    if not first:
+                        cur.execute("SAVEPOINT cdc_chunk")
+                    for run in runs:
+                        n += self._apply_run(cur, run, begin)
+                if not first:
+                    cur.execute("RELEASE SAVEPOINT cdc_chunk")
             except Exception as exc:
                 if not (is_data_error(exc) or _is_user_error(exc)):
                     raise
-                cur.execute("ROLLBACK TO SAVEPOINT cdc_chunk")
+                if first:
+                    self.conn.rollback()
+                else:
+                    cur.execute("ROLLBACK TO SAVEPOINT cdc_chunk")
                 n = sum(self._apply_isolated(cur, run, begin) for run in runs)
+            for ch, err in rejected:
+                self._dead_letter(cur, ch, begin, str(err), None)
+            self._dirty = True
             if self.opts.outbox is not None:
                 for seg_begin, seg_changes in segments:
                     if seg_begin is not None:
                         self._write_outbox(cur, seg_begin, seg_changes)
         return n
+
+    def _needs_results(self, run: Run) -> bool:
+        """Whether applying `run` reads results back (the resolving path does)."""
+        if run.table is None or run.op is Op.TRUNCATE:
+            return False
+        st = self._site_table_or_none(run.table)
+        return bool(st is not None and st.key and st.upsert
+                    and self.opts.resolver_for(st.table.qualified) is not None)
+
+    def _query(self, st: SiteTable, kind: str, cols: Sequence[int]) -> str:
+        """The statement text for a run, composed once per table shape and cached."""
+        key = (st.table.oid, st.table.columns, st.types, st.key, st.upsert, kind, tuple(cols))
+        q = self._queries.get(key)
+        if q is None:
+            if kind == "insert":
+                composed = _sql.insert_sql(st, cols, st.upsert)
+            elif kind == "update":
+                composed = _sql.update_sql(st, cols)
+            else:
+                composed = _sql.delete_sql(st)
+            q = self._queries[key] = composed.as_string(self.conn)
+        return q
 
     def _apply_isolated(self, cur: psycopg.Cursor[Any], run: Run, begin: TxBegin | None) -> int:
         """Apply `run` in a savepoint; on a data error bisect it down to the bad change."""
@@ -348,19 +399,30 @@ class SiteWriter:
         if run.op is Op.INSERT:
             cols = range(len(st.table.columns))
             arrays = [text_array([c.new[i] for c in changes]) for i in cols]  # type: ignore[index]
-            cur.execute(_sql.insert_sql(st, cols, st.upsert), arrays)
+            cur.execute(self._query(st, "insert", cols), arrays)
         elif run.op is Op.UPDATE:
             key_arrays = [
                 text_array([(c.old if c.old is not None else c.new)[i] for c in changes])  # type: ignore[index]
                 for i in st.key
             ]
             val_arrays = [text_array([c.new[i] for c in changes]) for i in run.columns]  # type: ignore[index]
-            cur.execute(_sql.update_sql(st, run.columns), key_arrays + val_arrays)
-            if cur.rowcount != len(changes):
-                self._write_missing(cur, st, run, begin)
+            ucur = self.conn.cursor() if self._deferred is not None else cur
+            ucur.execute(self._query(st, "update", run.columns), key_arrays + val_arrays)
+
+            def check() -> None:
+                # An update that found no row: the site lacks it (see _write_missing).
+                if ucur.rowcount != len(changes):
+                    self._write_missing(cur, st, run, begin)
+                if ucur is not cur:
+                    ucur.close()
+
+            if self._deferred is not None:
+                self._deferred.append(check)
+            else:
+                check()
         elif run.op is Op.DELETE:
             key_arrays = [text_array([c.old[i] for c in changes]) for i in st.key]  # type: ignore[index]
-            cur.execute(_sql.delete_sql(st), key_arrays)
+            cur.execute(self._query(st, "delete", ()), key_arrays)
         return len(changes)
 
     def _write_missing(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
