@@ -168,7 +168,8 @@ def _site_has_snapshot(site: SiteSettings, source: str) -> bool:
 
 
 def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], snapshot: str,
-               point: Lsn, on_progress: CopyProgress | None) -> int:
+               point: Lsn, on_progress: CopyProgress | None, *,
+               record_progress: bool = True) -> int:
     total = 0
     with connect_source(settings.source.dsn, autocommit=False) as src, \
             connect_site_checked(site) as dst:
@@ -187,16 +188,22 @@ def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], s
                     on_progress(site.name, _t, n)
 
             total += copy_table(src, dst, t, merge=merge, on_rows=rows_cb)
-        dst.execute(
-            "INSERT INTO cdc_sync.progress (source, applied_lsn, snapshot_lsn, updated_at) "
-            "VALUES (%s, %s::pg_lsn, %s::pg_lsn, now()) ON CONFLICT (source) DO UPDATE SET "
-            "applied_lsn = EXCLUDED.applied_lsn, snapshot_lsn = EXCLUDED.snapshot_lsn, "
-            "commit_ts = NULL, updated_at = now()",
-            (settings.source.name, str(point), str(point)))
+        if record_progress:
+            _record_snapshot(dst, settings.source.name, point)
         dst.commit()
         src.rollback()
     log.info("site %s: initial copy of %d rows at %s", site.name, total, point)
     return total
+
+
+def _record_snapshot(dst: psycopg.Connection[Any], source: str, point: Lsn) -> None:
+    """The site holds `source` as of `point`: its progress starts there."""
+    dst.execute(
+        "INSERT INTO cdc_sync.progress (source, applied_lsn, snapshot_lsn, updated_at) "
+        "VALUES (%s, %s::pg_lsn, %s::pg_lsn, now()) ON CONFLICT (source) DO UPDATE SET "
+        "applied_lsn = EXCLUDED.applied_lsn, snapshot_lsn = EXCLUDED.snapshot_lsn, "
+        "commit_ts = NULL, updated_at = now()",
+        (source, str(point), str(point)))
 
 
 def _check_conflict_policies(settings: Settings, tables: list[TableDef]) -> None:
@@ -257,11 +264,19 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
         needing = list(settings.sites)
     else:
         needing = [s for s in settings.sites if not _site_has_snapshot(s, src_cfg.name)]
-        if needing and slot["active"]:
-            raise SourceError(
-                f"source: sites {', '.join(s.name for s in needing)} need their initial copy; "
-                "stop `cdc-sync run` first (the slot is in use)")
-    if not needing:
+    # Sites that had their copy but got new tables (published since): copy just those, at a
+    # fresh snapshot; replaying the stream from the site's position afterwards converges.
+    new_tables = {
+        s.name: [t for t in site_tables(s, tables)
+                 if t.qualified in report.created_tables.get(s.name, [])]
+        for s in settings.sites if s not in needing}
+    new_tables = {k: v for k, v in new_tables.items() if v}
+    if slot is not None and (needing or new_tables) and slot["active"]:
+        names = [s.name for s in needing] + list(new_tables)
+        raise SourceError(
+            f"source: sites {', '.join(names)} need an initial copy; "
+            "stop `cdc-sync run` first (the slot is in use)")
+    if not needing and not new_tables:
         return report
     if slot is None:
         name, temporary = src_cfg.slot, False
@@ -273,6 +288,10 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(needing)))) as pool:
             futures = {s.name: pool.submit(_copy_site, settings, s, tables, snapshot, point,
                                            on_progress) for s in needing}
+            futures.update({
+                name: pool.submit(_copy_site, settings, settings.site(name), only, snapshot,
+                                  point, on_progress, record_progress=False)
+                for name, only in new_tables.items()})
             for site_name, fut in futures.items():
                 report.copied[site_name] = fut.result()
     return report
