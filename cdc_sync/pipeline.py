@@ -31,7 +31,7 @@ from .resolve import Resolver, make_resolver
 from .sinks._resolving import origin_name
 from .sinks.listeners import Listener, ListenerThread
 from .sinks.site import SiteOptions
-from .sinks.worker import RESET, Keepalive, SiteWorker, WorkItem
+from .sinks.worker import Keepalive, SiteWorker
 from .source.monitor import HEARTBEAT_PREFIX, SourceMonitor
 from .source.stream import ReplicationStream, SlotBusy, StreamLost
 
@@ -113,6 +113,10 @@ class Pipeline:
                 try:
                     self._rewind.clear()
                     stream.open(Lsn(0))
+                    # Every stream session starts with a Reset: whatever a site still holds
+                    # of an earlier session (or waits for, after asking for a replay) is
+                    # settled before the first item of this one.
+                    self._reset_sinks()
                     self.connected, self.last_error, busy_since = True, None, None
                     backoff = RECONNECT_INITIAL
                     in_tx = self._stream(stream)
@@ -130,7 +134,6 @@ class Pipeline:
                     stream.close()
                 if self._stop.is_set():
                     break
-                self._broadcast(RESET)
                 if not self._rewind.is_set():
                     self._stop.wait(backoff * (0.5 + random.random() / 2))
                     backoff = min(backoff * 2, RECONNECT_MAX)
@@ -146,9 +149,13 @@ class Pipeline:
     def _shutdown(self, stream: ReplicationStream, in_tx: bool) -> None:
         if in_tx:
             log.info("abandoning the open source transaction; it will be streamed again")
-            self._broadcast(RESET)
+            self._reset_sinks()
         self._stop_workers()
-        self._send_status(stream)
+        flush = self.flush_position()
+        # End the COPY cleanly so the walsender reads our last status before we hang up
+        # (closing with unread data would reset the connection and may lose it).
+        if stream.finish(flush):
+            self.confirmed_lsn = max(self.confirmed_lsn, flush)
         log.info("stopped; confirmed %s to the source", self.confirmed_lsn)
 
     def _stop_workers(self) -> None:
@@ -264,13 +271,14 @@ class Pipeline:
     def _sinks(self) -> list[SiteWorker | ListenerThread]:
         return [*self.workers, *self.listeners]
 
-    def _broadcast(self, item: WorkItem) -> None:
+    def _reset_sinks(self) -> None:
         for w in self._sinks():
-            w.put(item, timeout=5)
+            w.reset()
 
     def _final_confirm(self) -> None:
         flush = self.flush_position()
-        if flush <= self.confirmed_lsn:
+        confirmed = self.monitor.confirmed_flush()
+        if flush == 0 or (confirmed is not None and flush <= confirmed):
             return
         stream = ReplicationStream(self.settings.source.dsn, self.settings.source.slot,
                                    self.settings.source.publication)

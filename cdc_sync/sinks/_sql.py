@@ -175,7 +175,7 @@ PROGRESS_SELECT = sql.SQL(
 
 SITE_COLUMNS = sql.SQL(
     """
-    SELECT c.oid, a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> ''
+    SELECT c.oid, a.attname, format_type(a.atttypid, -1), a.attgenerated <> ''
     FROM pg_class c
     JOIN pg_namespace n ON n.oid = c.relnamespace
     JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped

@@ -41,6 +41,9 @@ class ListenerThread(threading.Thread):
             return False
         return True
 
+    def reset(self) -> None:
+        """Listeners get whole transactions only; nothing to forget."""
+
     def stop(self) -> None:
         self.accepting = False
         self.queue.put(None)

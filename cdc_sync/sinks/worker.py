@@ -139,6 +139,17 @@ class SiteWorker(threading.Thread):
         self._accepting = False
         self._detached = True
 
+    def reset(self) -> None:
+        """The stream restarts: drop every queued item of the old stream and queue a Reset.
+
+        Never refused (unlike `put`): a worker holding part of a transaction of the old stream
+        must learn the stream restarted, or it would apply the replay on top of it.
+        """
+        with self.queue.mutex:
+            self.queue.queue.clear()
+            self.queue.not_full.notify_all()
+        self.queue.put(RESET)
+
     def stop(self) -> None:
         """Ask the worker to commit what is complete and exit."""
         self._stopping.set()
@@ -271,11 +282,17 @@ class SiteWorker(threading.Thread):
             timeout = None
             if writer.in_transaction and not in_src_tx:
                 timeout = max(0.0, target_started + self.group_max_seconds - time.monotonic())
+            if self._stopping.is_set():
+                # stop() could not queue _STOP on a full queue: stop once it is drained.
+                timeout = 0.2 if timeout is None else min(timeout, 0.2)
             try:
                 item = self.queue.get(timeout=timeout)
             except queue.Empty:
-                commit_target()
-                continue
+                if self._stopping.is_set():
+                    item = _STOP
+                else:
+                    commit_target()
+                    continue
             if isinstance(item, _Stop):
                 if writer.in_transaction and not in_src_tx:
                     commit_target()

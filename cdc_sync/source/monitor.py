@@ -55,6 +55,18 @@ class SourceMonitor:
             return None
         return int(row[0]) if row and row[0] is not None else None
 
+    def confirmed_flush(self) -> int | None:
+        """The slot's confirmed_flush_lsn as an int, or None when it cannot be read."""
+        try:
+            row = self._connection().execute(
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint FROM pg_replication_slots "
+                "WHERE slot_name = %s", (self.slot,)).fetchone()
+        except psycopg.Error as exc:
+            log.debug("slot check failed: %s", exc)
+            self.close()
+            return None
+        return int(row[0]) if row and row[0] is not None else None
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

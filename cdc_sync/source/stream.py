@@ -167,6 +167,32 @@ class ReplicationStream:
         except psycopg.OperationalError as exc:
             raise StreamLost(f"source: replication connection lost: {exc}") from exc
 
+    def finish(self, flush: Lsn, timeout: float = 10.0) -> bool:
+        """Send a last status (`flush`), end the COPY and read the stream out, so the server
+        has processed the status before we disconnect. True when that completed."""
+        if self._conn is None:
+            return False
+        pg = self._conn.pgconn
+        try:
+            self.send_status(flush, flush, flush)
+            pg.put_copy_end()
+            while pg.flush() == 1:
+                select.select([], [pg.socket], [], 1.0)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                n, _data = pg.get_copy_data(1)
+                if n == -1:
+                    while pg.get_result() is not None:
+                        pass
+                    return True
+                if n == 0:
+                    select.select([pg.socket], [], [], 0.5)
+                    pg.consume_input()
+            return False
+        except (psycopg.Error, StreamLost) as exc:
+            log.debug("ending the replication stream: %s", exc)
+            return False
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,7 @@ class Receiver:
     @property
     def url(self) -> str:
         assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/hook"
+        return f"http://127.0.0.1:{self._server.server_address[1]}/hook"
 
     def hold_next(self) -> None:
         """Hold the next batch that would be acknowledged open until `release()`."""
@@ -112,7 +112,7 @@ class Receiver:
             return f"bad signature {header[:20]}... (expected {expected[:20]}...)"
         return None
 
-    def handle(self, path: str, headers: Mapping[str, str], body: bytes) -> tuple[int, float]:
+    def handle(self, path: str, headers: Message, body: bytes) -> tuple[int, float]:
         """Decide the answer to one complete POST: (status, seconds to wait first)."""
         problem = None
         events: list[dict[str, Any]] = []
@@ -161,10 +161,10 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 try:
                     length = int(self.headers.get("Content-Length") or 0)
                     body = self.rfile.read(length)

@@ -20,6 +20,7 @@ directory under two minutes).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from cdc_sync import commands
@@ -53,6 +55,7 @@ from .helpers import (
     event_signature,
     pgbench,
     pgbench_path,
+    position_key,
     receiving,
     write_hook_config,
 )
@@ -64,8 +67,10 @@ pytestmark = [
 
 SECRET = "s3cr3t-h00k-k3y"
 TIMEOUT_SECONDS = 2.0
-PGBENCH_TABLES = ["public.pgbench_accounts", "public.pgbench_branches",
-                  "public.pgbench_history", "public.pgbench_tellers"]
+PRIMARY_KEYS = {"public.pgbench_accounts": "aid", "public.pgbench_branches": "bid",
+                "public.pgbench_history": "hid", "public.pgbench_tellers": "tid"}
+PGBENCH_TABLES = sorted(PRIMARY_KEYS)
+COMMIT_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00")
 
 
 def hook_config(tmp_path: Path, source: str, sites: list[str], url: str,
@@ -85,7 +90,7 @@ def cli_ok(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def status_json(config: Path) -> dict[str, Any]:
-    data = json.loads(cli_ok("status", "-c", str(config), "--json").stdout)
+    data: dict[str, Any] = json.loads(cli_ok("status", "-c", str(config), "--json").stdout)
     assert [c["name"] for c in data["connectors"]] == ["hook"], data
     return data
 
@@ -132,7 +137,10 @@ def test_webhook_delivers_every_change_across_kills(
                    slow_seconds=TIMEOUT_SECONDS + 1) as receiver:
         config, settings = hook_config(tmp_path, source, [site], receiver.url, batch_size=50)
         cli_ok("init", "-c", str(config))
-        create_audit_slot(source)
+        try:
+            create_audit_slot(source)
+        except psycopg.errors.UndefinedFile:
+            pytest.skip("this PostgreSQL has no test_decoding")
 
         proc = CliProcess(config).start()
         try:
@@ -162,7 +170,7 @@ def test_webhook_delivers_every_change_across_kills(
             proc.close()
 
     assert receiver.problems == []
-    assert receiver.requests >= 30, receiver.requests
+    assert receiver.requests >= 20, receiver.requests
     assert receiver.failed == receiver.requests // 10 and receiver.slow >= 1
     got = analyse(receiver.snapshot())
     # The held batches were received twice at least: the redelivery was compared.
@@ -173,7 +181,7 @@ def test_webhook_delivers_every_change_across_kills(
     per_table_op = by_table_op(expected)
     assert by_table_op(received) == per_table_op
     assert {t for t, _ in per_table_op} >= set(PGBENCH_TABLES)
-    assert per_table_op[("public.pgbench_history", "insert")] >= 300
+    assert per_table_op[("public.pgbench_history", "insert")] >= 200
     assert per_table_op[("public.pgbench_history", "truncate")] == 1   # pgbench's own
     missing, extra = expected - received, received - expected
     assert not missing and not extra, (
@@ -182,7 +190,17 @@ def test_webhook_delivers_every_change_across_kills(
     history = [e["key"]["hid"] for e in got.first.values()
                if e["topic"] == "public.pgbench_history" and e["op"] == "insert"]
     assert len(set(history)) == len(history)
-    assert all(e["source"] == "hq" for e in got.first.values())
+    # Each transaction whole: positions 0..n-1 under one commit LSN; the event fields.
+    positions: dict[str, list[int]] = {}
+    for e in got.first.values():
+        assert e["source"] == "hq" and COMMIT_TS.fullmatch(e["commit_ts"]), e
+        positions.setdefault(e["lsn"], []).append(position_key(e)[1][0])
+        if e["op"] in ("insert", "update"):
+            assert e["table"] == e["topic"] and e["old"] is None, e
+            column = PRIMARY_KEYS[e["topic"]]
+            assert e["key"] == {column: e["row"][column]}, e
+    for lsn, found in positions.items():
+        assert sorted(found) == list(range(len(found))), f"transaction {lsn}: {sorted(found)}"
 
     (hook,) = data["connectors"]
     assert hook["backlog"] == 0
@@ -211,14 +229,15 @@ def test_dead_endpoint_does_not_slow_replication(
         proc = CliProcess(config).start()
         try:
             write(100, 20)                                  # 2000 inserts, 200 updates
-            started = time.monotonic()
             wait_until_caught_up(settings, timeout=30)      # + 1 message event
             first = hook_status(settings)
             assert first["backlog"] == 2000 + 200 + 1, first
 
             write(100, 10)                                  # 1000 inserts, 300 updates
+            written = time.monotonic()
             wait_until_caught_up(settings, timeout=30)
-            caught_up = time.monotonic() - started
+            # The sites keep up (the connector's failures never hold the applier back).
+            assert time.monotonic() - written < 15
             assert_same_tables(source, sites, ["public.items"])
             wait_for(lambda: receiver.failed >= 2, 30, "failed deliveries")
             data = status_json(config)
@@ -227,16 +246,13 @@ def test_dead_endpoint_does_not_slow_replication(
             assert hook["delivered_seq"] == 0 and hook["last_delivery_at"] is None, hook
             assert hook["last_error"] and "500" in hook["last_error"], hook
             assert SECRET not in json.dumps(data)
-            assert all(s["reachable"] and s["lag_bytes"] is not None for s in data["sites"])
+            for entry in data["sites"]:
+                assert entry["reachable"] and entry["applied_lsn"] is not None, entry
             assert receiver.snapshot() == []
-            # The sites were never held back by the connector.
-            assert caught_up < 30
 
             receiver.dead.clear()
             wait_for(lambda: hook_status(settings)["backlog"] == 0, 60,
                      "the backlog to drain after the endpoint recovered", interval=0.25)
-            hook = status_json(config)["connectors"][0]
-            assert hook["backlog"] == 0 and hook["last_delivery_at"] is not None, hook
             stop(proc)
         finally:
             proc.close()
@@ -246,6 +262,6 @@ def test_dead_endpoint_does_not_slow_replication(
     ops = Counter((e["topic"], e["op"]) for e in got.first.values())
     assert ops == {("public.items", "insert"): 3000, ("public.items", "update"): 500,
                    ("cdc_sync_test", "message"): 2}
-    rows = scalar(source, "SELECT count(*) FROM items")
-    assert rows == 3000
-    assert commands.status(settings)["connectors"][0]["backlog"] == 0
+    assert scalar(source, "SELECT count(*) FROM items") == 3000
+    (hook,) = commands.status(settings)["connectors"]
+    assert hook["backlog"] == 0 and hook["last_delivery_at"] is not None, hook

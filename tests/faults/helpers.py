@@ -41,10 +41,9 @@ class CliResult(subprocess.CompletedProcess[str]):
 
 
 def cli_many(commands: Sequence[Sequence[str]], *, env: Mapping[str, str] | None = None,
-             timeout: float = 120, timed: bool = False) -> list[CliResult]:
+             timeout: float = 120) -> list[CliResult]:
     """Run several `python -m cdc_sync ARGS…` at once (each start-up costs a second or more of
     imports); their results in the order given."""
-    del timed  # every result is timed; kept for readability at the call sites
     results: list[CliResult | None] = [None] * len(commands)
 
     def one(i: int, args: Sequence[str]) -> None:
@@ -115,9 +114,11 @@ def rss_kib(pid: int) -> int:
 # -- load -----------------------------------------------------------------------------------
 
 class Writer(threading.Thread):
-    """Calls `step(conn, i)` in its own transaction, i = 1, 2, …, until `stop()` or `limit`
-    steps committed; a lost connection (a restarted server) is reopened and the step retried.
-    `committed` counts the steps committed; any other error ends the thread (`error`)."""
+    """Calls `step(conn, i)` in its own transaction, i = 1, 2, … (a new i for every attempt),
+    until `stop()` or `limit` steps committed; a lost connection (a restarted server) is
+    reopened and a new step tried. `committed` counts the steps known to be committed (one
+    interrupted at its commit may be committed too: compare with the source, not with this);
+    any other error ends the thread (`error`)."""
 
     def __init__(self, dsn: str, step: Callable[[psycopg.Connection[Any], int], None], *,
                  limit: int | None = None, pause: float = 0.0) -> None:
@@ -127,6 +128,7 @@ class Writer(threading.Thread):
         self.limit = limit
         self.pause = pause
         self.committed = 0
+        self.attempts = 0
         self.reconnects = 0
         self.error: BaseException | None = None
         self._stop_event = threading.Event()
@@ -154,12 +156,12 @@ class Writer(threading.Thread):
                 try:
                     if conn is None or conn.closed:
                         conn = connect(self.dsn)
+                    self.attempts += 1
                     with conn.transaction():
-                        self.step(conn, self.committed + 1)
+                        self.step(conn, self.attempts)
                     self.committed += 1
                 except psycopg.OperationalError:
-                    # The server went away: the step's transaction is lost, so it is retried
-                    # (with a fresh i) after a reconnect.
+                    # The server went away: reconnect and go on with the next step.
                     self.reconnects += 1
                     with contextlib.suppress(Exception):
                         if conn is not None:

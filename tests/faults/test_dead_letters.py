@@ -1,8 +1,8 @@
 """Dead letters: a change a site rejects for its data is set aside with everything needed to
 replay it, and everything else flows; connection failures are never dead letters.
 
-The site `site1` is stricter than the source (a CHECK, a UNIQUE index and a narrower varchar
-the source lacks); `site2` is the source's twin and must never see a dead letter.
+The site `site1` is stricter than the source (a CHECK and a UNIQUE index the source lacks);
+`site2` is the source's twin and must never see a dead letter.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -219,7 +220,7 @@ def test_a_lost_site_connection_is_not_a_dead_letter(new_db: Callable[..., str])
     assert_same_tables(source, [site1, site2])
 
 
-def test_dead_letters_cli(new_db: Callable[..., str], tmp_path: Any) -> None:
+def test_dead_letters_cli(new_db: Callable[..., str], tmp_path: Path) -> None:
     """`dead-letters [--site] [--json]` lists them, `dead-letters retry` re-applies them."""
     source, site1, site2 = new_db("src"), new_db("strict"), new_db("twin")
     execute(source, ITEM)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from integration.helpers import (
     CliProcess,
     connect,
@@ -166,13 +165,9 @@ def _percent_table(dsn: str) -> None:
         *(sql.Identifier(c) for c in PERCENT_COLUMNS)))
 
 
-@pytest.mark.xfail(reason="BUG: sinks/_sql.py composes identifiers with psycopg.sql.Identifier "
-                          "and executes with parameters; psycopg does not escape '%' inside "
-                          "identifiers, so a column named '100%' or '%s' makes every statement "
-                          "fail ('positional and named placeholders cannot be mixed' / 'the query "
-                          "has N placeholders') and every change of the table is dead-lettered",
-                   strict=True)
 def test_percent_in_a_column_name(make_db: Callable[..., str]) -> None:
+    """psycopg reads every "%" of a parametrized query as a placeholder, even inside a quoted
+    identifier: the applier must escape them (found by this suite, fixed in sinks/_sql.py)."""
     source, site = make_db("src"), make_db("site")
     _percent_table(source)
     settings = make_settings(source, [site])

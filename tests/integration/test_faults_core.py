@@ -25,12 +25,10 @@ from cdc_sync import commands
 from cdc_sync.config import Settings
 from cdc_sync.embedded import Cluster
 from cdc_sync.protocol import Commit, Lsn, decode_message
-from cdc_sync.sinks.worker import SiteWorker
 
 from .conftest import Env
 from .helpers import (
     CliProcess,
-    PipelineThread,
     assert_converged,
     assert_same_tables,
     connect,
@@ -86,7 +84,8 @@ class Writer:
         self.big_every = big_every
         self.big_rows = big_rows
         self.pause = pause
-        self.count = 0
+        # transaction numbers go on from the last one in `ledger` (several writers in a row)
+        self.count = int(scalar(dsn, "SELECT coalesce(max(tx), 0) FROM ledger"))
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
@@ -184,7 +183,7 @@ def test_pgbench_with_replicator_sigkilled(env: Env, cluster: Cluster, tmp_path:
     kills = sorted(rng.uniform(1.0, duration - 2.0) for _ in range(3))
     with cli_run(config) as proc:
         bench = subprocess.Popen(
-            [str(pgbench), "-n", "-c", "2", "-j", "1", "-T", str(duration), "-R", "400",
+            [str(pgbench), "-n", "-c", "2", "-j", "1", "-T", str(duration), "-R", "120",
              *_pgbench_args(cluster, env.source)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started = time.monotonic()
@@ -200,10 +199,8 @@ def test_pgbench_with_replicator_sigkilled(env: Env, cluster: Cluster, tmp_path:
             if bench.poll() is None:
                 bench.kill()
         assert bench.returncode == 0, err
-        assert scalar(env.source, "SELECT count(*) FROM pgbench_history") > 500
-        print("bench done", time.monotonic() - started, commands.status(settings))
+        assert scalar(env.source, "SELECT count(*) FROM pgbench_history") > 1000
         wait_until_caught_up(settings, timeout=90)
-        print("caught up", time.monotonic() - started)
         assert proc.alive(), proc.stderr()
         assert proc.terminate() == 0, proc.stderr()
     assert proc.starts == 4
@@ -217,13 +214,19 @@ def test_pgbench_with_replicator_sigkilled(env: Env, cluster: Cluster, tmp_path:
 
 # -- (b) connections terminated on the source and on the sites ------------------------------
 
-def _terminate_walsender(source: str, slot: str) -> int:
-    with connect(source) as conn:
-        rows = conn.execute(
-            "SELECT pg_terminate_backend(r.pid) FROM pg_stat_replication r "
-            "JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
-            (slot,)).fetchall()
-    return sum(1 for r in rows if r[0])
+def _terminate_walsender(source: str, slot: str, wait: float = 10) -> int:
+    """Terminate the walsender streaming `slot` (waiting up to `wait` s for one)."""
+    deadline = time.monotonic() + wait
+    while True:
+        with connect(source) as conn:
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(r.pid) FROM pg_stat_replication r "
+                "JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = %s",
+                (slot,)).fetchall()
+        killed = sum(1 for r in rows if r[0])
+        if killed or time.monotonic() > deadline:
+            return killed
+        time.sleep(0.05)
 
 
 def _terminate_site_backends(site: str) -> int:
@@ -262,7 +265,7 @@ def test_terminated_connections_mid_load(env: Env) -> None:
         with running_pipeline(settings) as pipe:
             # the last step only ends the stream: whatever state the sites are in, a new
             # stream starts for everybody after it
-            steps = [("source",), ("site1",), ("site2",), ("site1", "site2", "source"),
+            steps = [("source",), ("site1",), ("site2",), ("source", "site1", "site2"),
                      ("source",)]
             for step in steps:
                 writer.wait_for(writer.count + 25)
@@ -296,55 +299,102 @@ def _peek_commits(source: str, slot: str, publication: str) -> list[Lsn]:
     return out
 
 
+def _released_slot(settings: Settings) -> dict[str, Any]:
+    slot = settings.source.slot
+    wait_for(lambda: not (slot_row(settings.source.dsn, slot) or {}).get("active"), 10,
+             "the slot to be released")
+    row = slot_row(settings.source.dsn, slot)
+    assert row is not None
+    return row
+
+
 def test_sigterm_exits_zero_and_confirms_what_the_sites_applied(
         env: Env, make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
     offices = make_cluster()  # sites elsewhere: their writes are not WAL of the source
     sites = [offices.create_database("berlin"), offices.create_database("tokyo")]
     execute(env.source, *LEDGER_TABLES)
-    data = env.settings_dict(sites=sites)
-    config = write_config(tmp_path / "cdc-sync.toml", data)
+    config = write_config(tmp_path / "cdc-sync.toml", env.settings_dict(sites=sites))
     settings = env.settings(sites=sites)
     slot, pub = settings.source.slot, settings.source.publication
     commands.init(settings)
 
-    # 1. idle source: after SIGTERM the slot is confirmed exactly where the sites are
     with cli_run(config) as proc:
         wait_streaming(settings)
-        writer = Writer(env.source, big_every=0).start()
-        writer.wait_for(100)
+        writer = Writer(env.source, big_every=10).start()
+        writer.wait_for(writer.count + 100)
         writer.stop()
         wait_until_caught_up(settings, timeout=60)
         started = time.monotonic()
         assert proc.terminate(timeout=30) == 0, proc.stderr()
         assert time.monotonic() - started < 15
-    wait_for(lambda: not slot_row(env.source, slot)["active"], 10,  # type: ignore[index]
-             "the slot to be released")
+    confirmed = Lsn.parse(_released_slot(settings)["confirmed_flush_lsn"])
     applied = [progress_lsn(site, "hq") for site in sites]
-    confirmed = Lsn.parse(slot_row(env.source, slot)["confirmed_flush_lsn"])  # type: ignore[index]
-    assert all(a is not None for a in applied)
-    assert confirmed == min(a for a in applied if a is not None) or (
-        confirmed > max(a for a in applied if a is not None)
-        and not _peek_commits(env.source, slot, pub)), (confirmed, applied)
-    assert _peek_commits(env.source, slot, pub) == []  # nothing applied is sent again
+    assert applied[0] is not None and applied[0] == applied[1]
+    # the source has been idle since the last transaction the sites applied: the slot is
+    # confirmed exactly there, and nothing the sites hold would be sent again
+    assert confirmed == applied[0], (confirmed, applied)
+    assert _peek_commits(env.source, slot, pub) == []
 
-    # 2. SIGTERM in the middle of a load (big transactions included)
+    # written while nothing runs: the next run brings it, exactly once
     writer = Writer(env.source, big_every=10).start()
+    writer.wait_for(writer.count + 60)
+    writer.stop()
+    with cli_run(config) as proc:
+        wait_until_caught_up(settings, timeout=60)
+        assert proc.terminate(timeout=30) == 0, proc.stderr()
+    assert_same_tables(env.source, sites, LEDGER_NAMES, min_rows=1)
+    _assert_ledger_exact(env.source, sites)
+
+
+@pytest.mark.xfail(reason="BUG (pipeline.py/worker.py): SIGTERM under load. (1) the final "
+                          "standby status is sent and the replication connection closed at "
+                          "once, with CopyData from the server still unread: the close turns "
+                          "into a TCP reset and the walsender may never see the status, and "
+                          "_send_status() records confirmed_lsn before it is delivered, so "
+                          "_final_confirm() does not retry: the slot stays behind what the "
+                          "sites applied; (2) SiteWorker.stop() drops _STOP on a full queue: "
+                          "the process then takes 60 s per site to exit",
+                   strict=True, raises=AssertionError)
+def test_sigterm_under_load_exits_promptly_and_confirms(
+        env: Env, make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    """Five SIGTERMs, each after a second of load (small transactions, and big ones in
+    flight): every time the process exits 0 within 20 s and the slot is confirmed at least
+    as far as every site has applied. Then nothing is lost or applied twice."""
+    offices = make_cluster()
+    sites = [offices.create_database("berlin"), offices.create_database("tokyo")]
+    execute(env.source, *LEDGER_TABLES)
+    config = write_config(tmp_path / "cdc-sync.toml", env.settings_dict(sites=sites))
+    settings = env.settings(sites=sites)
+    commands.init(settings)
+    writer = Writer(env.source, big_every=10, big_rows=20_000).start()
+    problems: list[str] = []
     try:
-        with cli_run(config) as proc:
-            wait_streaming(settings)
-            writer.wait_for(writer.count + 25)
-            assert proc.terminate(timeout=60) == 0, proc.stderr()
+        for cycle in range(5):
+            proc = CliProcess(config, tag=f"cycle{cycle}").start()
+            try:
+                setup_wait(functools.partial(_slot_active, settings), 30, "streaming")
+                writer.wait_for(writer.count + 40)
+                os_started = time.monotonic()
+                try:
+                    rc: int | None = proc.terminate(timeout=20)
+                except subprocess.TimeoutExpired:
+                    rc = None
+                took = time.monotonic() - os_started
+            finally:
+                proc.kill()
+            confirmed = Lsn.parse(_released_slot(settings)["confirmed_flush_lsn"])
+            applied = [progress_lsn(site, "hq") for site in sites]
+            low = min(a for a in applied if a is not None)
+            if rc != 0:
+                problems.append(f"cycle {cycle}: exit status {rc} after {took:.1f} s")
+            if confirmed < low:
+                problems.append(f"cycle {cycle}: slot confirmed {confirmed}, sites applied "
+                                f"{[str(a) for a in applied]}")
+            if problems:
+                break
     finally:
         writer.stop()
-    wait_for(lambda: not slot_row(env.source, slot)["active"], 10,  # type: ignore[index]
-             "the slot to be released")
-    applied = [progress_lsn(site, "hq") for site in sites]
-    low = min(a for a in applied if a is not None)
-    confirmed = Lsn.parse(slot_row(env.source, slot)["confirmed_flush_lsn"])  # type: ignore[index]
-    assert confirmed >= low, (confirmed, applied)
-    assert all(end > low for end in _peek_commits(env.source, slot, pub)), \
-        "a transaction every site applied is still in the slot"
-    # nothing was lost: a new run brings every site up to date, exactly once
+    assert not problems, "; ".join(problems)
     with cli_run(config) as proc:
         wait_until_caught_up(settings, timeout=90)
         assert proc.terminate(timeout=30) == 0, proc.stderr()
@@ -413,8 +463,9 @@ def test_exactly_once_when_a_site_connection_dies_at_commit(env: Env) -> None:
 
 # -- reproductions of bugs outside this suite's files (see the xfail reasons) --------------------
 
-def _has_room(worker: SiteWorker) -> bool:
-    return not worker.queue.full()
+def _slot_active(settings: Settings) -> bool:
+    row = slot_row(settings.source.dsn, settings.source.slot)
+    return row is not None and bool(row["active"])
 
 
 def setup_wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -424,45 +475,6 @@ def setup_wait(predicate: Callable[[], bool], timeout: float, what: str) -> None
         wait_for(predicate, timeout, what)
     except AssertionError as exc:
         raise RuntimeError(str(exc)) from None
-
-
-@pytest.mark.xfail(reason="BUG: SiteWorker.stop() puts _STOP with put_nowait and drops it when "
-                          "the queue is full; the worker then blocks for ever in queue.get() "
-                          "once it has drained the queue, and Pipeline.run() waits 60 s per "
-                          "such worker (SIGTERM of `cdc-sync run` takes minutes)",
-                   strict=True, raises=AssertionError)
-def test_stop_returns_promptly_while_the_sites_are_behind(env: Env) -> None:
-    """Both sites are slow (a statement trigger sleeping 0.1 s, one change per chunk): their
-    queues are full when the pipeline stops. Finishing the queued work takes about 4 s."""
-    execute(env.source, "CREATE TABLE slow (id int PRIMARY KEY, v int)")
-    for site in env.sites:
-        execute(site, "CREATE TABLE slow (id int PRIMARY KEY, v int)",
-                "CREATE FUNCTION nap() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END$$",
-                "CREATE TRIGGER nap AFTER INSERT ON slow FOR EACH STATEMENT "
-                "EXECUTE FUNCTION nap()",
-                "ALTER TABLE slow ENABLE ALWAYS TRIGGER nap")
-    settings = env.settings()
-    commands.init(settings)
-    with connect(env.source) as conn:
-        for tx in range(2):
-            with conn.transaction():
-                for i in range(20):
-                    conn.execute("INSERT INTO slow VALUES (%s, 0)", (tx * 100 + i,))
-    runner = PipelineThread(settings, chunk_size=1).start()
-    try:
-        setup_wait(lambda: all(w.queue.full() for w in runner.pipeline.workers), 30,
-                   "the site queues to fill")
-        started = time.monotonic()
-        runner.pipeline.stop()
-        runner.thread.join(10)
-        assert not runner.thread.is_alive(), (
-            f"Pipeline.stop() has not returned after {time.monotonic() - started:.0f} s")
-    finally:
-        for w in runner.pipeline.workers:  # unblock what the bug leaves behind
-            wait_for(functools.partial(_has_room, w), 60, "a queue with room")
-            w.stop()
-        runner.thread.join(90)
 
 
 @pytest.mark.xfail(reason="BUG: pipeline.py clears `_rewind` at the top of each reconnect "
@@ -484,12 +496,12 @@ def test_site_back_during_source_reconnect_backoff_is_replayed(
     writer = Writer(env.source, big_every=0).start()
     try:
         with running_pipeline(settings) as pipe:
-            writer.wait_for(50)
+            writer.wait_for(writer.count + 50)
             setup_wait(lambda: _site_backends(env.sites[0]) > 0, 30, "site1's connection")
             setup_wait(lambda: bool(_terminate_site_backends(env.sites[0])), 1, "a site kill")
             time.sleep(0.1)  # site1's worker notices under load, goes down for 0.25-0.5 s
-            setup_wait(lambda: _terminate_walsender(env.source, settings.source.slot) == 1, 1,
-                       "a walsender kill")
+            setup_wait(lambda: _terminate_walsender(env.source, settings.source.slot, 0) == 1,
+                       1, "a walsender kill")
             writer.wait_for(writer.count + 100)
             writer.stop()
             assert_converged(settings, pipe, LEDGER_NAMES, timeout=20)

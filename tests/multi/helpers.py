@@ -55,6 +55,19 @@ class Office:
             row = conn.execute(query, params).fetchone()
         return None if row is None else row[0]
 
+    def silently(self, statement: str, params: Sequence[Any] | None = None) -> None:
+        """Run `statement` as if it had never happened elsewhere: no triggers (so no local-
+        delete tombstone) and tagged with a replication origin, so no replicator passes it on.
+        """
+        with connect(self.dsn) as conn:
+            conn.execute("SET session_replication_role = replica")
+            if conn.execute("SELECT pg_replication_origin_oid('test:silent')").fetchone() \
+                    == (None,):
+                conn.execute("SELECT pg_replication_origin_create('test:silent')")
+            conn.execute("SELECT pg_replication_origin_session_setup('test:silent')")
+            conn.execute(statement, params)
+            conn.execute("SELECT pg_replication_origin_session_reset()")
+
     def rows(self, table: str = "grants") -> list[str]:
         return table_fingerprint(self.dsn, f"public.{table}")
 

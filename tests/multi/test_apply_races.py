@@ -18,7 +18,7 @@ from tests.integration.helpers import connect, wait_for
 
 from .helpers import BUDGETS_DDL, COUNTERS, Mesh, Office, mesh, spent
 
-A, B = "berlin", "washington"
+A, B, C = "berlin", "washington", "tokyo"
 
 MakeOffices = Callable[..., list[Office]]
 
@@ -47,10 +47,6 @@ def _race(m: Mesh, local_statement: str, remote_statement: str) -> None:
     m.caught_up()
 
 
-@pytest.mark.xfail(reason="BUG: the applier reads the site's row without locking it and writes "
-                          "its decision with an upsert: a local increment committed between the "
-                          "read and the write is overwritten (lost at that office only)",
-                   strict=True)
 def test_local_increment_committed_during_apply_is_kept(offices: MakeOffices,
                                                         server_binaries: ServerBinaries) -> None:
     made = offices([A, B], BUDGETS_DDL)
@@ -63,10 +59,6 @@ def test_local_increment_committed_during_apply_is_kept(offices: MakeOffices,
         assert spent(m.office(B)) == {1: "10.00"}, "B lost its own increment"
 
 
-@pytest.mark.xfail(reason="BUG: the applier reads the site's row without locking it and writes "
-                          "its decision with an upsert: a local write committed after the "
-                          "incoming one (so the LWW winner) but between the applier's read and "
-                          "write is overwritten at that office only", strict=True)
 def test_local_write_committed_during_apply_wins(offices: MakeOffices,
                                                  server_binaries: ServerBinaries) -> None:
     made = offices([A, B], BUDGETS_DDL)
@@ -79,11 +71,6 @@ def test_local_write_committed_during_apply_wins(offices: MakeOffices,
         assert writers == {A: B, B: B}, "the later local write was overwritten at B"
 
 
-@pytest.mark.xfail(reason="BUG: the applier decides an incoming insert against 'no local row' "
-                          "and writes it with INSERT ... ON CONFLICT DO UPDATE: a local insert "
-                          "of the key committed meanwhile (the later write) is overwritten at "
-                          "that office only (locking the rows read cannot help: there is no row)",
-                   strict=True)
 def test_local_insert_committed_during_apply_wins(offices: MakeOffices,
                                                   server_binaries: ServerBinaries) -> None:
     made = offices([A, B], BUDGETS_DDL)
@@ -92,3 +79,39 @@ def test_local_insert_committed_during_apply_wins(offices: MakeOffices,
               "INSERT INTO grants (id, writer) VALUES (7, 'berlin')")
         writers = {o.name: o.scalar("SELECT writer FROM grants WHERE id = 7") for o in made}
         assert writers == {A: B, B: B}, "the later local insert was overwritten at B"
+
+
+@pytest.mark.xfail(reason="BUG: two appliers deciding the same key that the site does not have "
+                          "are not serialized (FOR UPDATE has no row to lock, tombstones are read "
+                          "unlocked): an older update of the key is inserted while the tombstone "
+                          "of a newer delete from another office is not yet committed, and the "
+                          "row survives at that site only", strict=True)
+def test_delete_and_older_update_of_a_missing_row_from_two_offices(
+        offices: MakeOffices, server_binaries: ServerBinaries) -> None:
+    """tokyo: the site. It has lost row 9 (no tombstone). berlin updates row 9, washington
+    deletes it later. tokyo applies washington's delete first (a delete of a missing row:
+    tombstone) but its transaction is held open at commit; meanwhile berlin's older update
+    arrives. Once both commit, row 9 must be gone at tokyo as everywhere else."""
+    made = offices([A, B, C])
+    with mesh(made, conflicts={"strategy": "lww"}) as m:
+        m.office(A).execute("INSERT INTO grants (id, writer) VALUES (9, 'seed')")
+        m.wait_same()
+        site = m.office(C)
+        m.stop()
+        site.silently("DELETE FROM grants WHERE id = 9")
+        m.office(A).execute("UPDATE grants SET writer = 'berlin' WHERE id = 9")
+        m.office(B).execute("DELETE FROM grants WHERE id = 9")
+        with connect(site.dsn, autocommit=False) as hold:
+            # washington's applier at tokyo will wait at commit, on its progress row.
+            hold.execute("SELECT * FROM cdc_sync.progress WHERE source = %s FOR UPDATE", (B,))
+            m.start(B)
+            wait_for(_applier_waits_on_lock(site, B), 20,
+                     "washington's applier at tokyo to wait at its commit")
+            m.start(A)
+            m.caught_up(A)  # berlin's older update has been decided and committed at tokyo
+            hold.rollback()
+        m.start(C)
+        m.caught_up()
+        assert site.scalar("SELECT count(*) FROM cdc_sync.tombstones") == 1
+        present = {o.name: o.scalar("SELECT count(*) FROM grants WHERE id = 9") for o in made}
+        assert present == {A: 0, B: 0, C: 0}, "berlin's older update survived at tokyo"

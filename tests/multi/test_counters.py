@@ -13,8 +13,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import pytest
-
 from cdc_sync.embedded import ServerBinaries
 from tests.integration.helpers import connect
 
@@ -29,10 +27,6 @@ STEP = 5
 MakeOffices = Callable[..., list[Office]]
 
 
-@pytest.mark.xfail(reason="BUG: the applier reads the site's row without locking it and writes "
-                          "local + delta with an upsert: local increments committed in between "
-                          "are lost (about one in ten here; see "
-                          "test_apply_races.py)", strict=True)
 def test_concurrent_increments_all_survive(offices: MakeOffices,
                                            server_binaries: ServerBinaries) -> None:
     """Two offices run `spent = spent + 5` on the same few rows at the same time, while
