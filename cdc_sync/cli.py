@@ -150,13 +150,16 @@ class _CurrentStderr:
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
     log_level: Annotated[LogLevel | None, typer.Option(
-        "--log-level", case_sensitive=False, help="log level (default INFO)")] = None,
+        "--log-level", case_sensitive=False,
+        help="log level (default: INFO for run, WARNING otherwise)")] = None,
     log_format: Annotated[LogFormat, typer.Option(
         "--log-format", case_sensitive=False, help="log lines: human or json")] = LogFormat.human,
 ) -> None:
     _state["debug"] = debug
     _state["log_level_given"] = log_level is not None
-    level = log_level.value if log_level is not None else ("DEBUG" if debug else "INFO")
+    # One-shot commands stay quiet (an error is then the only line on stderr); `run` raises
+    # the default to INFO for itself.
+    level = log_level.value if log_level is not None else ("DEBUG" if debug else "WARNING")
     setup_logging(level=level, fmt=log_format.value)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
@@ -249,6 +252,8 @@ def run(
         "--metrics-host", help="address the metrics endpoint listens on")] = "127.0.0.1",
 ) -> None:
     """Stream changes to every site until SIGINT/SIGTERM."""
+    if not _state["log_level_given"] and not _state["debug"]:
+        logging.getLogger().setLevel(logging.INFO)
     settings = _settings(config)
     if metrics_port is None:
         _guard(lambda: commands.run(settings))

@@ -40,3 +40,6 @@ def setup_logging(level: str = "INFO", fmt: str = "human") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # alembic narrates every migration step at INFO; keep that for --log-level DEBUG.
+    logging.getLogger("alembic").setLevel(
+        logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING)

@@ -210,10 +210,6 @@ def test_site_table_missing_a_source_column(new_db: Callable[..., str], tmp_path
     assert "public.t.amount" in errors[0] and "site1" in errors[0]
 
 
-@pytest.mark.xfail(reason="BUG: `init` logs at INFO on stderr by default (alembic's 'Context "
-                          "impl PostgresqlImpl.' lines, sinks/schema.py's 'schema migrated'), so "
-                          "an error after the migration is not the only line on stderr "
-                          "(cli.py/logs.py: log WARNING and up unless asked)", strict=True)
 def test_an_init_error_after_migrating_is_the_only_line_on_stderr(
         new_db: Callable[..., str], tmp_path: Path) -> None:
     source, site = new_db("src"), new_db("site")
