@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 from integration.helpers import (
     assert_converged,
     assert_same_tables,
