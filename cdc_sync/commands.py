@@ -211,6 +211,11 @@ def _check_conflict_policies(settings: Settings, tables: list[TableDef]) -> None
     for t in tables:
         policy = settings.conflicts.for_table(t.qualified)
         names = {c.name for c in t.columns}
+        if policy.strategy in ("first_write_wins", "merge") and t.replica_identity != "f":
+            fix = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(t.ident).as_string(None)
+            raise SourceError(f"source: table {t.qualified} uses {policy.strategy}, which must "
+                              "see the old row to tell a concurrent update from a later one; "
+                              f"run: {fix}")
         if policy.counters and t.replica_identity != "f":
             fix = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(t.ident).as_string(None)
             raise SourceError(f"source: table {t.qualified} has counter columns, which need the "

@@ -11,6 +11,7 @@ A user merge function that raises is marked so the applier dead-letters that cha
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -86,13 +87,17 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     names = [table.columns[i] for i in key]
     befores = [key_values(ch, key) for ch in run.changes]
     with_ts = _track_commit_timestamp(writer)
+    # Two appliers (from two offices) deciding the same key must not interleave: a row lock
+    # cannot cover a key with no row, so each key's advisory lock is taken first, in order.
+    cur.execute("SELECT pg_advisory_xact_lock(h) FROM unnest(%s::bigint[]) AS u(h) ORDER BY h",
+                (sorted({_key_lock(table.qualified, k) for k in befores}),))
     cur.execute(_local_rows_sql(st, with_ts), columns(befores))
     nk = len(key)
     local: dict[tuple[Any, ...], LocalRow] = {}
     for r in cur.fetchall():
         values = dict(zip(table.columns, r[nk:nk + len(table.columns)], strict=True))
         local[tuple(r[:nk])] = LocalRow(values, r[-2], origin_source(r[-1], writer.opts.site))
-    tombs = _fetch_tombstones(cur, table.qualified, names, befores)
+    tombs = _fetch_tombstones(cur, table.qualified, names, befores, with_ts)
     fallback_ts = begin.commit_ts if begin else datetime.now().astimezone()
     full = table.replica_identity is ReplicaIdentity.FULL
     writes: list[_Write] = []
@@ -200,15 +205,26 @@ def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable, writes: Sequence[_Write
 
 
 def _fetch_tombstones(cur: psycopg.Cursor[Any], table: str, names: list[str],
-                      keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], Tombstone]:
+                      keys: list[tuple[Any, ...]], with_ts: bool) -> dict[tuple[Any, ...], Tombstone]:
+    # A tombstone left by a local delete (source NULL, written by the trigger) is dated by the
+    # commit of the deleting transaction when commit timestamps are tracked: the trigger only
+    # knows the time of the DELETE statement, which may precede a concurrent write it beat.
+    when = ("COALESCE(CASE WHEN source IS NULL THEN pg_xact_commit_timestamp(xmin) END, "
+            "deleted_at)" if with_ts else "deleted_at")
     cur.execute(
-        "SELECT key, deleted_at, version, source FROM cdc_sync.tombstones "
+        f"SELECT key, {when}, version, source FROM cdc_sync.tombstones "  # noqa: S608 - constant
         "WHERE table_name = %s AND key = ANY(%s::jsonb[])",
         (table, [Jsonb(dict(zip(names, k, strict=True))) for k in keys]))
     out: dict[tuple[Any, ...], Tombstone] = {}
     for k, deleted_at, version, source in cur.fetchall():
         out[tuple(k.get(n) for n in names)] = Tombstone(deleted_at, version, source or "")
     return out
+
+
+def _key_lock(table: str, key: tuple[Any, ...]) -> int:
+    """A stable signed 64-bit advisory-lock id for (table, key)."""
+    digest = hashlib.blake2b(repr((table, key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _track_commit_timestamp(writer: SiteWriter) -> bool:

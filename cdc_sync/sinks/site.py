@@ -439,7 +439,7 @@ class SiteWriter:
                         [text_array([c.new[i] for c in whole]) for i in cols])  # type: ignore[index]
         for c in missing:
             self.log_conflict(cur, st, c, begin, "update_missing", None,
-                              "source_wins", "incoming_wins" if c in whole else "skipped")
+                              "source_wins", "incoming_wins" if c in whole else "local_wins")
 
     def log_conflict(self, cur: psycopg.Cursor[Any], st: SiteTable, ch: Change,
                      begin: TxBegin | None, kind: str, local: dict[str, Any] | None,

@@ -1,17 +1,20 @@
-"""Local writes racing the applier, made deterministic.
+"""Writes racing the applier, made deterministic (the interleavings the concurrent tests of
+test_convergence.py / test_counters.py hit by chance).
 
-berlin and washington replicate both ways. Paused, berlin commits a write of a row; washington
-starts a write of the same row and keeps its transaction open. On resuming, washington's
-applier of berlin's change blocks on washington's row lock; then washington commits: its write
-is the later one (commit time) and must win at both offices, and a counter increment must be
-added, not lost.
+Local writes (`_race`): berlin and washington replicate both ways. Paused, berlin commits a
+write of a row; washington starts a write of the same row and keeps its transaction open. On
+resuming, washington's applier of berlin's change blocks on washington's row lock; then
+washington commits: its write is the later one (commit time) and must win at both offices, and
+a counter increment must be added, not lost. (Regression tests of the applier's FOR UPDATE read
+and its re-decision of rows inserted concurrently.)
+
+Two appliers at one site: the last test holds one applier's transaction open at its commit
+(a lock on its `cdc_sync.progress` row) while the other decides the same key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import pytest
 
 from cdc_sync.embedded import ServerBinaries
 from tests.integration.helpers import connect, wait_for
@@ -81,11 +84,6 @@ def test_local_insert_committed_during_apply_wins(offices: MakeOffices,
         assert writers == {A: B, B: B}, "the later local insert was overwritten at B"
 
 
-@pytest.mark.xfail(reason="BUG: two appliers deciding the same key that the site does not have "
-                          "are not serialized (FOR UPDATE has no row to lock, tombstones are read "
-                          "unlocked): an older update of the key is inserted while the tombstone "
-                          "of a newer delete from another office is not yet committed, and the "
-                          "row survives at that site only", strict=True)
 def test_delete_and_older_update_of_a_missing_row_from_two_offices(
         offices: MakeOffices, server_binaries: ServerBinaries) -> None:
     """tokyo: the site. It has lost row 9 (no tombstone). berlin updates row 9, washington
@@ -108,8 +106,12 @@ def test_delete_and_older_update_of_a_missing_row_from_two_offices(
             wait_for(_applier_waits_on_lock(site, B), 20,
                      "washington's applier at tokyo to wait at its commit")
             m.start(A)
-            m.caught_up(A)  # berlin's older update has been decided and committed at tokyo
+            # berlin's applier must now wait for washington's decision on the same key (an
+            # advisory lock per key), not decide on its own against a tombstone it cannot see.
+            wait_for(_applier_waits_on_lock(site, A), 20,
+                     "berlin's applier at tokyo to wait for washington's on key 9")
             hold.rollback()
+        m.caught_up(A)
         m.start(C)
         m.caught_up()
         assert site.scalar("SELECT count(*) FROM cdc_sync.tombstones") == 1

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cdc_sync.embedded import ServerBinaries
+from cdc_sync.errors import SourceError
 from cdc_sync.resolve import OUTCOMES
 from tests.integration.helpers import connect
 
@@ -95,22 +96,14 @@ def test_update_update(offices: MakeOffices, server_binaries: ServerBinaries, st
         assert kinds_at(m, B) == at_b
 
 
-@pytest.mark.xfail(reason="BUG: first_write_wins without REPLICA IDENTITY FULL diverges: an "
-                          "incoming update newer than the local row is not seen as a conflict "
-                          "(nothing tells it from a sequential update), so the newer write is "
-                          "applied at the older writer's office while the older write wins at "
-                          "the other; init accepts the table", strict=True)
-def test_update_update_first_write_wins_default_identity(
+def test_first_write_wins_needs_replica_identity_full(
         offices: MakeOffices, server_binaries: ServerBinaries) -> None:
-    with mesh(two_offices(offices), conflicts={"strategy": "first_write_wins"}) as m:
-        seed(m, 1)
-        with m.paused():
-            update(m.office(A), 1, 111)
-            update(m.office(B), 1, 222)
-        m.caught_up()
-        assert m.office(A).rows() == m.office(B).rows(), "the offices diverged"
-        got = row(m, 1)
-        assert got is not None and got["writer"] == A
+    """Without the old row, first_write_wins cannot tell a concurrent update from a later one
+    (the offices would diverge): init refuses the table and names the fix."""
+    with pytest.raises(SourceError, match=r"REPLICA IDENTITY FULL"):
+        with mesh(two_offices(offices),
+                  conflicts={"strategy": "first_write_wins"}):
+            pass
 
 
 # -- insert / insert ----------------------------------------------------------------------
@@ -124,7 +117,7 @@ def test_update_update_first_write_wins_default_identity(
 def test_insert_insert(offices: MakeOffices, server_binaries: ServerBinaries, strategy: str,
                        winner: str, at_a: set[Any], at_b: set[Any]) -> None:
     """The same new key inserted at both offices while paused."""
-    with mesh(two_offices(offices), conflicts={"strategy": strategy}) as m:
+    with mesh(two_offices(offices, full=strategy != "lww"), conflicts={"strategy": strategy}) as m:
         with m.paused():
             insert(m.office(A), 5, 555)
             insert(m.office(B), 5, 777)
@@ -201,11 +194,6 @@ def test_stale_insert_does_not_resurrect(offices: MakeOffices,
         assert kinds_at(m, A) == {("insert_insert", "lww", "incoming_wins")}
 
 
-@pytest.mark.xfail(reason="BUG: the local-delete trigger stamps the tombstone with "
-                          "clock_timestamp() of the DELETE statement, not the commit time other "
-                          "offices compare against: a remote write committed between the DELETE "
-                          "and its COMMIT beats the tombstone at the deleting office but loses "
-                          "to the delete everywhere else", strict=True)
 def test_delete_committed_after_a_concurrent_update_wins(
         offices: MakeOffices, server_binaries: ServerBinaries) -> None:
     """B deletes row 1 in a transaction that commits after A's update of the row committed:
@@ -267,10 +255,7 @@ def test_tombstones_stop_stale_writes_at_a_third_office(
 # -- rows the site does not have ----------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", [
-    pytest.param("source_wins", marks=pytest.mark.xfail(
-        reason="BUG: the source_wins fast path logs outcome 'skipped' for an update of a missing "
-               "row that was not sent whole; that is not one of resolve.OUTCOMES (the resolver "
-               "logs 'local_wins' for the same case)", strict=True)),
+    "source_wins",
     "lww",
 ])
 def test_update_of_missing_row(offices: MakeOffices, server_binaries: ServerBinaries,
