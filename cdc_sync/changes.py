@@ -52,6 +52,9 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 5000
+# Chunks are also cut at about this many bytes of encoded rows, so a queue of chunks stays
+# small whatever the row width (5000 rows of 2 kB would be 10 MB a chunk).
+DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 class Op(enum.Enum):
@@ -170,6 +173,7 @@ class Assembler:
     """
 
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
     tables: dict[int, Table] = field(default_factory=dict)
     types: dict[int, Type] = field(default_factory=dict)
     _begin: Begin | None = None
@@ -177,6 +181,7 @@ class Assembler:
     _begun: bool = False
     _position: int = 0
     _pending: list[Change] = field(default_factory=list)
+    _pending_bytes: int = 0
 
     @property
     def in_transaction(self) -> bool:
@@ -188,17 +193,21 @@ class Assembler:
         self._origin = None
         self._begun = False
         self._pending = []
+        self._pending_bytes = 0
         self.tables.clear()
 
-    def feed(self, msg: PgOutputMessage) -> list[TxItem]:
+    def feed(self, msg: PgOutputMessage, size: int = 0) -> list[TxItem]:
+        """Take one message (`size`: its encoded length, bounding chunks by bytes too)."""
         cls = type(msg)
         if (cls is Update or cls is Insert or cls is Delete) and self._begun:
             # The hot path: a row change inside an already announced transaction.
             self._pending.append(self._change(msg))
             self._position += 1
-            if len(self._pending) >= self.chunk_size:
+            self._pending_bytes += size
+            if len(self._pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
                 chunk = TxChanges(tuple(self._pending))
                 self._pending = []
+                self._pending_bytes = 0
                 return [chunk]
             return []
         out: list[TxItem] = []
@@ -238,15 +247,18 @@ class Assembler:
             if self._pending:
                 out.append(TxChanges(tuple(self._pending)))
                 self._pending = []
+                self._pending_bytes = 0
             out.append(TxCommit(msg.commit_lsn, msg.end_lsn,
                                 pg_timestamp_to_datetime(msg.commit_ts)))
             self._begin = None
             return out
         self._pending.append(self._change(msg))
         self._position += 1
-        if len(self._pending) >= self.chunk_size:
+        self._pending_bytes += size
+        if len(self._pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
             out.append(TxChanges(tuple(self._pending)))
             self._pending = []
+            self._pending_bytes = 0
         return out
 
     def _table(self, oid: int) -> Table:

@@ -153,6 +153,9 @@ def _ensure_type(conn: psycopg.Connection[Any], schema: str, name: str, kind: st
     if kind == "e":
         conn.execute(sql.SQL("CREATE TYPE {} AS ENUM ({})").format(
             ident, sql.SQL(", ").join(sql.Literal(p) for p in parts if p != "" or len(parts) > 1)))
+    elif kind == "c":
+        conn.execute(sql.SQL("CREATE TYPE {} AS ({})").format(
+            ident, sql.SQL(", ").join(sql.SQL(p) for p in parts if p)))
     else:
         base, notnull, *checks = parts
         conn.execute(sql.SQL("CREATE DOMAIN {} AS {}{}{}").format(

@@ -187,7 +187,7 @@ class Pipeline:
                         msg = decode_message(frame.data)
                         if type(msg) is Message and msg.prefix == HEARTBEAT_PREFIX:
                             continue  # only there to make the slot advance (see monitor)
-                        for item in assembler.feed(msg):
+                        for item in assembler.feed(msg, len(frame.data)):
                             if isinstance(item, TxBegin):
                                 skipping = item.origin is not None and not forward
                             if not skipping:

@@ -37,6 +37,7 @@ EXPECTED: dict[str, dict[str, tuple[str, bool]]] = {
         "id": ("int8", False),
         "source": ("text", False),
         "table_name": ("text", False),
+        "kind": ("text", True),
         "key": ("jsonb", True),
         "local_row": ("jsonb", True),
         "incoming_row": ("jsonb", True),
@@ -66,6 +67,7 @@ EXPECTED: dict[str, dict[str, tuple[str, bool]]] = {
         "table_name": ("text", False),
         "key": ("jsonb", False),
         "deleted_at": ("timestamptz", False),
+        "version": ("text", True),
         "source": ("text", True),
         "lsn": ("pg_lsn", True),
     },
@@ -124,7 +126,7 @@ def test_script_location_is_the_checkout_migrations() -> None:
 
 
 def test_head_revision() -> None:
-    assert head_revision() == "0001"
+    assert head_revision() == "0002"
 
 
 def test_offline_sql_creates_the_schema_first(capsys: pytest.CaptureFixture[str]) -> None:
@@ -400,7 +402,9 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
         names = set(archive.namelist())
         archive.extractall(tmp_path / "site")
     for name in ("cdc_sync/_migrations/env.py", "cdc_sync/_migrations/script.py.mako",
-                 "cdc_sync/_migrations/versions/0001_initial.py", "cdc_sync/sinks/schema.py"):
+                 "cdc_sync/_migrations/versions/0001_initial.py",
+                 "cdc_sync/_migrations/versions/0002_tombstone_trigger.py",
+                 "cdc_sync/sinks/schema.py"):
         assert name in names
     # Installed, the package finds its migrations inside itself.
     site = tmp_path / "site"
@@ -415,4 +419,4 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     module, location, head = probe.stdout.split()
     assert module.startswith(str(site))
     assert location == str(site / "cdc_sync" / "_migrations")
-    assert head == "0001"
+    assert head == "0002"

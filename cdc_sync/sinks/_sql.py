@@ -192,7 +192,7 @@ SITE_UNIQUE_INDEXES = sql.SQL(
                  ORDER BY k.ord)
     FROM pg_index i
     WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
-      AND i.indisvalid
+      AND i.indisvalid AND i.indimmediate
     ORDER BY i.indisprimary DESC
     """
 )

@@ -38,7 +38,7 @@ from .site import SiteOptions, SiteWriter, connect_site
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_ITEMS: Final = 32
+DEFAULT_QUEUE_ITEMS: Final = 16
 DEFAULT_GROUP_MAX_CHANGES: Final = 20_000
 DEFAULT_GROUP_MAX_SECONDS: Final = 0.5
 FLUSH_CHANGES: Final = DEFAULT_CHUNK_SIZE

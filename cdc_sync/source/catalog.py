@@ -40,6 +40,8 @@ class TableDef:
     primary_key: tuple[str, ...]
     replica_identity: str  # d, n, f, i
     has_identity_index: bool
+    # A DEFERRABLE primary key cannot be the replica identity: PostgreSQL then has none.
+    key_deferrable: bool = False
 
     @property
     def qualified(self) -> str:
@@ -106,7 +108,8 @@ def describe_table(conn: psycopg.Connection[Any], schema: str, name: str) -> Tab
         """
         SELECT array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                     ORDER BY k.ord)
+                     ORDER BY k.ord),
+               NOT i.indimmediate
         FROM pg_index i WHERE i.indrelid = %s AND i.indisprimary
         """,
         (oid,),
@@ -116,6 +119,7 @@ def describe_table(conn: psycopg.Connection[Any], schema: str, name: str) -> Tab
         tuple(ColumnDef(*c) for c in cols),
         tuple(pk[0]) if pk else (),
         replident, bool(has_ident_index),
+        key_deferrable=bool(pk[1]) if pk else False,
     )
 
 
@@ -157,12 +161,19 @@ def check_source(conn: psycopg.Connection[Any], tables: Sequence[TableDef], slot
         )
     for t in tables:
         ok = (
-            (t.replica_identity == "d" and t.primary_key)
+            (t.replica_identity == "d" and t.primary_key and not t.key_deferrable)
             or t.replica_identity == "f"
             or (t.replica_identity == "i" and t.has_identity_index)
         )
         if not ok:
             fix = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(t.ident).as_string(conn)
+            if t.replica_identity == "d" and t.primary_key:
+                # Published, its UPDATEs and DELETEs would fail on the source itself.
+                raise SourceError(
+                    f"source: table {t.qualified} has a DEFERRABLE primary key, which cannot "
+                    f"identify rows for logical replication; make it NOT DEFERRABLE or run: "
+                    f"{fix}"
+                )
             raise SourceError(
                 f"source: table {t.qualified} has no primary key or replica identity; "
                 f"add a primary key or run: {fix}"
@@ -205,7 +216,8 @@ def slot_info(conn: psycopg.Connection[Any], slot: str) -> dict[str, Any] | None
 
 
 def create_site_table_sql(t: TableDef) -> sql.Composed:
-    """CREATE TABLE for a site: columns, types, NOT NULL and the primary key of the source.
+    """CREATE TABLE for a site: columns, types, NOT NULL and the primary key of the source
+    (DEFERRABLE INITIALLY DEFERRED when the source's is deferrable).
 
     Generated columns keep their expression (`GENERATED ALWAYS AS (…) STORED`): the stream does
     not carry them, the site computes them as the source does.
@@ -218,39 +230,75 @@ def create_site_table_sql(t: TableDef) -> sql.Composed:
             sql.Identifier(c.name), sql.SQL(c.type_sql), sql.SQL(" NOT NULL" if c.not_null else ""),
             gen))
     if t.primary_key:
-        parts.append(sql.SQL("PRIMARY KEY ({})").format(
-            sql.SQL(", ").join(sql.Identifier(k) for k in t.primary_key)))
+        # A DEFERRABLE key lets a source transaction pass through duplicates (swapping keys in
+        # one statement); the site replays those row changes one by one and must only check
+        # at commit too.
+        parts.append(sql.SQL("PRIMARY KEY ({}){}").format(
+            sql.SQL(", ").join(sql.Identifier(k) for k in t.primary_key),
+            sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if t.key_deferrable else "")))
     return sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(t.ident, sql.SQL(", ").join(parts))
 
 
 def user_types(conn: psycopg.Connection[Any], t: TableDef) -> list[tuple[str, str, str, str]]:
-    """Enum and domain types used by `t` outside pg_catalog: (schema, name, kind, definition).
+    """User-defined types `t` needs on a site, each after the types it depends on:
+    (schema, name, kind, definition), kind `e` enum, `d` domain or `c` composite.
 
     For an enum the definition is its labels joined by NUL; for a domain its base type SQL
-    followed by NUL and its constraint definitions.
+    followed by NUL, "NOT NULL" or "", and its constraint definitions; for a composite type
+    its attributes as "quoted_name type" joined by NUL. Arrays stand for their element type,
+    a domain needs its base type (an enum, another domain…), a composite its attributes'.
     """
     out: list[tuple[str, str, str, str]] = []
+    seen: set[int] = set()
     for c in t.columns:
-        if c.type_schema in ("pg_catalog", "information_schema") or c.type_kind not in ("e", "d"):
+        if c.type_schema in ("pg_catalog", "information_schema"):
             continue
-        if c.type_kind == "e":
-            labels = conn.execute(
-                """SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e
-                   JOIN pg_type t ON t.oid = e.enumtypid JOIN pg_namespace n ON n.oid = t.typnamespace
-                   WHERE n.nspname = %s AND t.typname = %s""",
-                (c.type_schema, c.type_name),
-            ).fetchone()
-            out.append((c.type_schema, c.type_name, "e", "\0".join(labels[0] if labels else [])))
-        else:
-            row = conn.execute(
-                """SELECT format_type(t.typbasetype, t.typtypmod), t.typnotnull,
-                          array(SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k
-                                WHERE k.contypid = t.oid ORDER BY k.conname)
-                   FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-                   WHERE n.nspname = %s AND t.typname = %s""",
-                (c.type_schema, c.type_name),
-            ).fetchone()
-            assert row is not None
-            out.append((c.type_schema, c.type_name, "d",
-                        "\0".join([row[0], "NOT NULL" if row[1] else "", *row[2]])))
+        row = conn.execute(
+            "SELECT t.oid FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace "
+            "WHERE n.nspname = %s AND t.typname = %s", (c.type_schema, c.type_name)).fetchone()
+        if row is not None:
+            _collect_type(conn, int(row[0]), out, seen)
     return out
+
+
+def _collect_type(conn: psycopg.Connection[Any], oid: int,
+                  out: list[tuple[str, str, str, str]], seen: set[int]) -> None:
+    if oid in seen:
+        return
+    seen.add(oid)
+    row = conn.execute(
+        """SELECT n.nspname, t.typname, t.typtype::text, t.typelem, t.typcategory::text,
+                  t.typbasetype, format_type(t.typbasetype, t.typtypmod), t.typnotnull,
+                  t.typrelid, (SELECT c.relkind::text FROM pg_class c WHERE c.oid = t.typrelid)
+           FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = %s""",
+        (oid,),
+    ).fetchone()
+    if row is None:
+        return
+    schema, name, kind, elem, category, base, base_sql, notnull, relid, relkind = row
+    if schema in ("pg_catalog", "information_schema"):
+        return
+    if category == "A" and elem:
+        _collect_type(conn, int(elem), out, seen)
+    elif kind == "e":
+        labels = conn.execute(
+            "SELECT array_agg(enumlabel::text ORDER BY enumsortorder) FROM pg_enum "
+            "WHERE enumtypid = %s", (oid,)).fetchone()
+        out.append((schema, name, "e", "\0".join(labels[0] if labels and labels[0] else [])))
+    elif kind == "d":
+        _collect_type(conn, int(base), out, seen)
+        checks = conn.execute(
+            "SELECT array(SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k "
+            "WHERE k.contypid = %s AND k.contype = 'c' ORDER BY k.conname)", (oid,)).fetchone()
+        out.append((schema, name, "d", "\0".join(
+            [base_sql, "NOT NULL" if notnull else "", *(checks[0] if checks else [])])))
+    elif kind == "c" and relkind == "c":
+        attrs = conn.execute(
+            "SELECT a.attname, a.atttypid, format_type(a.atttypid, a.atttypmod) "
+            "FROM pg_attribute a WHERE a.attrelid = %s AND a.attnum > 0 "
+            "AND NOT a.attisdropped ORDER BY a.attnum", (relid,)).fetchall()
+        for _attname, atttype, _sql in attrs:
+            _collect_type(conn, int(atttype), out, seen)
+        out.append((schema, name, "c", "\0".join(
+            f"{sql.Identifier(attname).as_string(conn)} {type_sql}"
+            for attname, _t, type_sql in attrs)))

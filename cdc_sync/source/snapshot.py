@@ -79,8 +79,8 @@ def copy_table(
 ) -> int:
     """Copy `table` from `src` (in its snapshot) to `dst` (in its open transaction).
 
-    With `merge`, rows go through a temporary table and are upserted on the primary key (the
-    site already has rows); otherwise they are copied straight into the table.
+    With `merge`, rows go through a temporary table and are merged into the rows the site
+    already has (see `_merge_sql`); otherwise they are copied straight into the table.
     """
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.copy_columns)
     out_q = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(cols, table.ident)
@@ -101,16 +101,45 @@ def copy_table(
                 if on_rows is not None and n:
                     on_rows(n)
     if merge:
-        pk = table.primary_key
-        others = [c for c in table.copy_columns if c not in pk]
-        conflict: sql.Composable = sql.SQL("")
-        if pk:
-            action = (sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
-                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in others))
-                if others else sql.SQL("DO NOTHING"))
-            conflict = sql.SQL(" ON CONFLICT ({}) {}").format(
-                sql.SQL(", ").join(sql.Identifier(c) for c in pk), action)
-        dst.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM pg_temp._cdc_sync_copy{}").format(
-            table.ident, cols, cols, conflict))
+        for statement in _merge_sql(table, cols):
+            dst.execute(statement)
         dst.execute(sql.SQL("DROP TABLE pg_temp._cdc_sync_copy"))
     return rows
+
+
+def _merge_sql(table: TableDef, cols: sql.Composable) -> list[sql.Composed]:
+    """Merge the copied rows (`pg_temp._cdc_sync_copy`) into a site table that has rows.
+
+    - Keyed: upsert on the primary key (ON CONFLICT; a DEFERRABLE key cannot be an ON
+      CONFLICT arbiter, so its rows are deleted and inserted again).
+    - Keyless: rows are told apart only by their values, so each distinct row (compared in
+      text form: json, point… have no equality) is inserted as many times as the copy has
+      it more often than the site. A site that already holds the rows (a copy made again
+      after `teardown`) gets nothing twice.
+    """
+    pk = table.primary_key
+    tmp = sql.SQL("pg_temp._cdc_sync_copy")
+    if pk and table.key_deferrable:
+        return [
+            sql.SQL("DELETE FROM {} AS t USING {} AS c WHERE {}").format(
+                table.ident, tmp, sql.SQL(" AND ").join(
+                    sql.SQL("t.{k} = c.{k}").format(k=sql.Identifier(k)) for k in pk)),
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(table.ident, cols, cols, tmp),
+        ]
+    if pk:
+        others = [c for c in table.copy_columns if c not in pk]
+        action = (sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in others))
+            if others else sql.SQL("DO NOTHING"))
+        return [sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) {}").format(
+            table.ident, cols, cols, tmp,
+            sql.SQL(", ").join(sql.Identifier(c) for c in pk), action)]
+    return [sql.SQL(
+        "WITH src AS (SELECT c, row_number() OVER (PARTITION BY c::text) AS n FROM {tmp} AS c), "
+        "dst AS (SELECT d::text AS k, row_number() OVER (PARTITION BY d::text) AS n "
+        "        FROM (SELECT {cols} FROM {t}) AS d) "
+        "INSERT INTO {t} ({cols}) SELECT {fields} FROM src "
+        "WHERE NOT EXISTS (SELECT 1 FROM dst WHERE dst.k = src.c::text AND dst.n = src.n)").format(
+        t=table.ident, tmp=tmp, cols=cols,
+        fields=sql.SQL(", ").join(
+            sql.SQL("(src.c).{}").format(sql.Identifier(c)) for c in table.copy_columns))]
