@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from cdc_sync import commands
@@ -336,3 +337,84 @@ def test_init_on_an_unreachable_site_names_it(env: Env) -> None:
     with pytest.raises(CdcSyncError) as err:
         commands.init(env.settings(sites=[bad]))
     assert "no_such_database_here" in str(err.value)
+
+
+NESTED_TYPES = [
+    "CREATE SCHEMA kinds",
+    "CREATE TYPE kinds.color AS ENUM ('red', 'green', 'blue')",
+    "CREATE TYPE kinds.size AS ENUM ('S', 'M', 'L')",
+    "CREATE DOMAIN kinds.warm AS kinds.color CHECK (VALUE <> 'blue')",
+    "CREATE DOMAIN kinds.pct AS numeric(5, 2) CHECK (VALUE BETWEEN 0 AND 100)",
+    "CREATE DOMAIN kinds.small_pct AS kinds.pct CHECK (VALUE < 10)",
+    "CREATE TYPE kinds.dims AS (w int, h int, unit text)",
+    "CREATE TABLE kinds.item (id int PRIMARY KEY, sizes kinds.size[], warm kinds.warm, "
+    " discount kinds.small_pct, box kinds.dims, boxes kinds.dims[])",
+]
+
+
+def test_site_tables_created_with_nested_user_types(env: Env) -> None:
+    """An enum used only as an array element, a domain over an enum, a domain over a
+    domain, and composite types: init creates them (dependencies first) on every site."""
+    execute(env.source, *NESTED_TYPES,
+            "INSERT INTO kinds.item VALUES (1, '{S,L}', 'red', 5.5, '(1,2,cm)', "
+            "'{\"(3,4,mm)\",\"(,,)\"}')")
+    settings = env.settings(tables=["kinds.*"])
+    report = commands.init(settings)
+    assert report.created_tables["site1"] == ["kinds.item"]
+    with connect(env.source) as conn:
+        columns = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'kinds.item'::regclass AND attnum > 0 ORDER BY attnum").fetchall()
+    for site in env.sites:
+        with connect(site) as conn:
+            assert conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = 'kinds.item'::regclass AND attnum > 0 ORDER BY attnum"
+            ).fetchall() == columns
+            with pytest.raises(psycopg.errors.CheckViolation):  # the domains' checks came too
+                conn.execute("SELECT 'blue'::kinds.warm")
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("SELECT 20::kinds.small_pct")
+    with running_pipeline(settings) as pipe:
+        execute(env.source, "INSERT INTO kinds.item VALUES (2, '{M}', 'green', 0, "
+                            "'(5,6,\"a b\")', '{}')",
+                "UPDATE kinds.item SET box = '(7,8,in)', sizes = sizes || 'M'::kinds.size "
+                "WHERE id = 1")
+        assert_converged(settings, pipe, ["kinds.item"], min_rows=2)
+
+
+def test_deferrable_primary_key_without_full_identity_is_refused(env: Env) -> None:
+    """A DEFERRABLE primary key is no replica identity: published, the table's UPDATEs and
+    DELETEs would fail on the source itself. init refuses it, naming the table and a fix."""
+    execute(env.source, "CREATE TABLE d (id int PRIMARY KEY DEFERRABLE, v text)",
+            "INSERT INTO d VALUES (1, 'one')")
+    settings = env.settings()
+    with pytest.raises(SourceError) as err:
+        commands.init(settings)
+    message = str(err.value)
+    assert "public.d" in message and "DEFERRABLE" in message
+    fix = message[message.index("ALTER TABLE"):]
+    execute(env.source, "UPDATE d SET v = 'still writable'")  # the source is untouched
+    execute(env.source, fix)
+    commands.init(settings)
+    execute(env.source, "UPDATE d SET v = 'published'")
+
+
+def test_init_again_after_teardown_copies_nothing_twice(env: Env) -> None:
+    """A new slot means a new initial copy into sites that already hold the rows: keyed rows
+    are upserted, keyless rows (duplicates included) are not added again."""
+    execute(env.source,
+            "CREATE TABLE k (a int, b text, j json)", "ALTER TABLE k REPLICA IDENTITY FULL",
+            "CREATE TABLE t (id int PRIMARY KEY, v text)",
+            "INSERT INTO k VALUES (1, 'x', '{\"a\": 1}'), (1, 'x', '{\"a\": 1}'), (2, 'y', NULL)",
+            "INSERT INTO t VALUES (1, 'one'), (2, 'two')")
+    settings = env.settings()
+    commands.init(settings)
+    assert commands.teardown(settings)
+    execute(env.source, "INSERT INTO k VALUES (1, 'x', '{\"a\": 1}'), (3, 'z', '[]')",
+            "UPDATE t SET v = 'changed' WHERE id = 2", "INSERT INTO t VALUES (3, 'three')")
+    report = commands.init(settings)
+    assert report.slot_created and set(report.copied) == {"site1", "site2"}
+    assert_same_tables(env.source, env.sites, ["public.k", "public.t"], min_rows=3)
+    for site in env.sites:
+        assert scalar(site, "SELECT count(*) FROM k") == 5
