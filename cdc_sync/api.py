@@ -61,7 +61,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .changes import TxBegin, TxChanges, TxCommit, TxItem
 from .config import Settings, load_settings, table_matches
-from .errors import SourceError, mask_dsn
+from .errors import SourceError, dsn_label, mask_dsn
 from .events import EMIT_PREFIX, event_dicts
 from .protocol import Lsn
 
@@ -127,15 +127,6 @@ def emit_change(connection: psycopg.Connection[Any], topic: str, data: Mapping[s
     return str(row[0])
 
 
-def _source_label(dsn: str) -> str:
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<invalid connection string>"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
-
-
 def _emit_autocommit(dsn: str, topic: str, data: Mapping[str, Any]) -> str:
     prefix, payload = _emit_params(topic, data)
     extra: dict[str, Any] = {}
@@ -150,7 +141,7 @@ def _emit_autocommit(dsn: str, topic: str, data: Mapping[str, Any]) -> str:
             row = conn.execute(_EMIT_SQL, (prefix, payload)).fetchone()
     except psycopg.Error as exc:
         detail = mask_dsn(" ".join(str(exc).split()))
-        raise SourceError(f"source {_source_label(dsn)}: emit_change failed: {detail}") from exc
+        raise SourceError(f"source {dsn_label(dsn)}: emit_change failed: {detail}") from exc
     assert row is not None
     return str(row[0])
 

@@ -12,6 +12,8 @@ the source boundary. Messages never contain a password: build them with `mask_ds
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
 
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)")
@@ -22,6 +24,23 @@ def mask_dsn(text: str) -> str:
     """Return `text` with any password in a URL or key=value DSN replaced by `***`."""
     text = _PASSWORD_IN_URL.sub(r"\1***\3", text)
     return _PASSWORD_KV.sub(r"\1***", text)
+
+
+def dsn_label(dsn: str) -> str:
+    """`host:port/database` of a connection string, libpq's defaults filled in; no secrets."""
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(dsn)
+    except Error:
+        return "<invalid connection string>"
+    host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST")
+               or "localhost")
+    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
+    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
+    database = str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
+    return f"{host}:{port}/{database}"
 
 
 class CdcSyncError(Exception):

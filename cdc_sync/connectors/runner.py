@@ -46,7 +46,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ..config import ConnectorSettings, Settings, table_matches
-from ..errors import CdcSyncError, SiteError, mask_dsn
+from ..errors import CdcSyncError, SiteError, dsn_label, mask_dsn
 from .webhook import WebhookClient
 
 __all__ = [
@@ -96,15 +96,6 @@ def advisory_key(connector_name: str) -> int:
     """The signed 64-bit advisory-lock key guarding one connector's delivery."""
     digest = hashlib.blake2b(f"cdc_sync.connector:{connector_name}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "big", signed=True)
-
-
-def _label(dsn: str) -> str:
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<invalid connection string>"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    return f"{host}:{params.get('port') or 5432}/{params.get('dbname') or ''}"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -179,7 +170,7 @@ def connector_status(settings: Settings) -> list[dict[str, Any]]:
     if not settings.connectors:
         return []
     site = settings.outbox_site
-    where = f"outbox site {site.name} ({_label(site.dsn)})"
+    where = f"outbox site {site.name} ({dsn_label(site.dsn)})"
     try:
         with _connect(site.dsn, "cdc_sync:status") as conn:
             out = []
@@ -224,7 +215,7 @@ class ConnectorRunner:
         self.backoff_cap = backoff_cap
         self.prune_interval = prune_interval
         self._dsn = settings.outbox_site.dsn
-        self._where = f"outbox site {settings.outbox_site.name} ({_label(self._dsn)})"
+        self._where = f"outbox site {settings.outbox_site.name} ({dsn_label(self._dsn)})"
         self._conn: psycopg.Connection[Any] | None = None
         self._matched: dict[str, bool] = {}
         self._last_prune = -math.inf

@@ -18,9 +18,7 @@ Contract:
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
 import re
 import threading
 from pathlib import Path
@@ -36,7 +34,7 @@ from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from cdc_sync.errors import SiteError, mask_dsn
+from cdc_sync.errors import SiteError, dsn_label, mask_dsn
 
 __all__ = [
     "MIGRATION_LOCK_KEY",
@@ -94,17 +92,8 @@ def head_revision() -> str:
 
 
 def site_label(dsn: str) -> str:
-    """`host:port/database` for messages, with libpq's defaults filled in."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<invalid connection string>"
-    host = str(params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST")
-               or "localhost")
-    port = str(params.get("port") or os.environ.get("PGPORT") or "5432")
-    user = params.get("user") or os.environ.get("PGUSER") or getpass.getuser()
-    database = str(params.get("dbname") or os.environ.get("PGDATABASE") or user)
-    return f"{host}:{port}/{database}"
+    """`host:port/database` for messages (see `errors.dsn_label`)."""
+    return dsn_label(dsn)
 
 
 def make_engine(dsn: str) -> Engine:
