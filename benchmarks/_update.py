@@ -1,5 +1,8 @@
 """The big-UPDATE workload shared by scenarios (a), (b) and (e).
 
+``fanout_scenario`` builds scenarios (a) and (b), which differ only in their site count; their
+modules (``update_one_site``, ``update_three_sites``) just register it.
+
 The source database ``bench_<key>`` holds ``bench_rows`` (``rows`` rows, four columns, an
 integer primary key) and ``bench_marker``. Native subscriber databases ``native_<key><n>`` get
 the same rows up front (the same ``generate_series`` fill) and a subscription with
@@ -23,13 +26,14 @@ from benchmarks.harness import (
     log,
     measure_attached,
 )
-from benchmarks.report import Measurement
+from benchmarks.report import Measurement, Scenario, Target
 
 TABLES = ("public.bench_rows", "public.bench_marker")
 ROWS_DDL = ("CREATE TABLE bench_rows (id int PRIMARY KEY, v text NOT NULL, n numeric NOT NULL, "
             "x int NOT NULL)")
 ROWS_FILL = "INSERT INTO bench_rows SELECT g, 'v' || g, g * 1.5, g FROM generate_series(1, {n}) g"
 UPDATE = "UPDATE bench_rows SET x = x + 1"
+FANOUT_ROWS = 300_000
 
 
 @dataclass
@@ -90,3 +94,20 @@ def measure_fanout(harness: Harness, key: str, *, rows: int, sites: int,
     result.details["summary"] = (f"best rate per site: cdc-sync {cdc_rate:,.0f} rows/s, "
                                  f"native {native_rate:,.0f} rows/s")
     return result
+
+
+def fanout_scenario(key: str, *, sites: int, ratio: float, rows: int = FANOUT_ROWS) -> Scenario:
+    """Scenario ``key``: one ``rows``-row UPDATE replicated to ``sites`` sites, seconds from its
+    commit until every site applied it (``measure_fanout``); target: cdc-sync / native ≤ ``ratio``."""
+
+    def run(harness: Harness, repetitions: int) -> Measurement:
+        return measure_fanout(harness, key, rows=rows, sites=sites, repetitions=repetitions)
+
+    return Scenario(
+        key=key,
+        title=f"{rows // 1000}k-row UPDATE → {sites} site{'' if sites == 1 else 's'}",
+        metric="commit → applied" if sites == 1 else "commit → all applied",
+        unit="s",
+        target=Target("ratio", ratio),
+        run=run,
+    )

@@ -7,22 +7,6 @@ committed right after it is visible there), for a native subscription (``copy_da
 
 from __future__ import annotations
 
-from benchmarks._update import measure_fanout
-from benchmarks.harness import Harness
-from benchmarks.report import Measurement, Scenario, Target
+from benchmarks._update import fanout_scenario
 
-ROWS = 300_000
-
-
-def run(harness: Harness, repetitions: int) -> Measurement:
-    return measure_fanout(harness, "a", rows=ROWS, sites=1, repetitions=repetitions)
-
-
-SCENARIO = Scenario(
-    key="a",
-    title="300k-row UPDATE → 1 site",
-    metric="commit → applied",
-    unit="s",
-    target=Target("ratio", 0.9),
-    run=run,
-)
+SCENARIO = fanout_scenario("a", sites=1, ratio=0.9)

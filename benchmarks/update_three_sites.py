@@ -7,22 +7,6 @@ the seconds from the source COMMIT until *all* sites have applied it. Target: ra
 
 from __future__ import annotations
 
-from benchmarks._update import measure_fanout
-from benchmarks.harness import Harness
-from benchmarks.report import Measurement, Scenario, Target
+from benchmarks._update import fanout_scenario
 
-ROWS = 300_000
-
-
-def run(harness: Harness, repetitions: int) -> Measurement:
-    return measure_fanout(harness, "b", rows=ROWS, sites=3, repetitions=repetitions)
-
-
-SCENARIO = Scenario(
-    key="b",
-    title="300k-row UPDATE → 3 sites",
-    metric="commit → all applied",
-    unit="s",
-    target=Target("ratio", 0.5),
-    run=run,
-)
+SCENARIO = fanout_scenario("b", sites=3, ratio=0.5)

@@ -4,6 +4,12 @@ A source transaction reaches the sinks as `TxBegin`, one or more `TxChanges` chu
 `chunk_size` changes each, so a huge transaction never sits in memory whole), then `TxCommit`.
 Items are immutable and shared by every site: decode once, fan out.
 
+A large transaction the server streams while it is still in progress (protocol 2, `streaming
+'on'`) arrives instead as `TxStreamChanges` chunks (each tagged with its top-level `xid` and the
+`subxid` of the subtransaction that made its changes), interleaved with whole transactions, and
+ends with `TxStreamCommit` or `TxStreamAbort` (an abort with `subxid != xid` undoes only that
+subtransaction's changes).
+
 `Assembler` turns decoded pgoutput messages into those items. Values stay in PostgreSQL's text
 form (`str`), `None` for NULL and `UNCHANGED_TOAST` for unchanged TOASTed values.
 """
@@ -30,10 +36,16 @@ from .protocol import (
     ProtocolError,
     Relation,
     ReplicaIdentity,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
     Truncate,
     TupleData,
     Type,
     Update,
+    decode_message,
+    decode_row,
     pg_timestamp_to_datetime,
 )
 
@@ -48,6 +60,9 @@ __all__ = [
     "TxChanges",
     "TxCommit",
     "TxItem",
+    "TxStreamAbort",
+    "TxStreamChanges",
+    "TxStreamCommit",
     "collect_transactions",
 ]
 
@@ -126,6 +141,11 @@ class Change(NamedTuple):
     content: bytes = b""
 
 
+_OP_OF_TAG: dict[int, Op] = {ord("I"): Op.INSERT, ord("U"): Op.UPDATE, ord("D"): Op.DELETE}
+_K = ord("K")
+_new_tuple = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class TxBegin:
     """A source transaction starts. `commit_lsn` is known up front (pgoutput's final LSN)."""
@@ -152,7 +172,38 @@ class TxCommit:
     commit_ts: datetime
 
 
-TxItem = TxBegin | TxChanges | TxCommit
+@dataclass(frozen=True, slots=True)
+class TxStreamChanges:
+    """A chunk of changes of the in-progress transaction `xid`, all made by its (sub)transaction
+    `subxid` (`== xid` at the top level), in source order. `first` marks the transaction's
+    first chunk of the stream session."""
+
+    xid: int
+    subxid: int
+    changes: tuple[Change, ...]
+    first: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TxStreamCommit:
+    """The streamed transaction `xid` committed; `end_lsn` is what a site records as applied."""
+
+    xid: int
+    commit_lsn: Lsn
+    end_lsn: Lsn
+    commit_ts: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TxStreamAbort:
+    """The streamed transaction `xid` rolled back (`subxid == xid`), or only its subtransaction
+    `subxid`, with every change that subtransaction (and those under it) streamed."""
+
+    xid: int
+    subxid: int
+
+
+TxItem = TxBegin | TxChanges | TxCommit | TxStreamChanges | TxStreamCommit | TxStreamAbort
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +233,27 @@ class Assembler:
     _position: int = 0
     _pending: list[Change] = field(default_factory=list)
     _pending_bytes: int = 0
+    # streaming (protocol 2): the block being read, and per open streamed transaction its
+    # next change position and origin
+    _block_xid: int | None = None
+    _block_sub: int = 0
+    _block_first: bool = False
+    _stream_pos: dict[int, int] = field(default_factory=dict)
+    stream_origins: dict[int, str] = field(default_factory=dict)
 
     @property
     def in_transaction(self) -> bool:
         return self._begin is not None
+
+    @property
+    def in_stream_block(self) -> bool:
+        """Between a Stream Start and its Stream Stop: decode with `decode_streamed`."""
+        return self._block_xid is not None
+
+    @property
+    def open_streams(self) -> int:
+        """Streamed transactions begun and not yet committed or aborted."""
+        return len(self._stream_pos)
 
     def reset(self) -> None:
         """Forget an open transaction (after a lost connection); relations are re-sent anyway."""
@@ -194,6 +262,9 @@ class Assembler:
         self._begun = False
         self._pending = []
         self._pending_bytes = 0
+        self._block_xid = None
+        self._stream_pos.clear()
+        self.stream_origins.clear()
         self.tables.clear()
 
     def feed(self, msg: PgOutputMessage, size: int = 0) -> list[TxItem]:
@@ -225,6 +296,8 @@ class Assembler:
         if isinstance(msg, Origin):
             self._origin = msg.name
             return out
+        if isinstance(msg, (StreamStart, StreamCommit, StreamAbort)):
+            return self._stream_control(msg)
         if isinstance(msg, Message) and not msg.transactional and self._begin is None:
             # A non-transactional message arrives on its own: a one-change pseudo transaction.
             ts = pg_timestamp_to_datetime(0)
@@ -260,6 +333,117 @@ class Assembler:
             self._pending = []
             self._pending_bytes = 0
         return out
+
+    def feed_row(self, data: bytes) -> list[TxItem]:
+        """The hot path: the payload of an Insert, Update or Delete (`ROW_TAGS`), inside a
+        transaction or a block of streamed changes; the same as decoding it and `feed`ing it,
+        without the message object in between."""
+        top = self._block_xid
+        if top is None and not self._begun:
+            return self.feed(decode_message(data), len(data))
+        xid, tag, oid, action, old, new = decode_row(data, top is not None)
+        out: list[TxItem] = []
+        if top is not None:
+            sub = top if xid is None else xid
+            if sub != self._block_sub and self._pending:
+                out.append(self._stream_chunk())
+            self._block_sub = sub
+            pos = self._stream_pos.get(top, 0)
+            self._stream_pos[top] = pos + 1
+        else:
+            pos = self._position
+            self._position = pos + 1
+        table = self.tables.get(oid)
+        if table is None:
+            raise ProtocolError(f"change for relation {oid} before its Relation message", 0)
+        pending = self._pending
+        # Change(op, position, table, new, old, old_is_key) with the other fields' defaults,
+        # built as a plain tuple (NamedTuple's __new__ is a Python function).
+        pending.append(_new_tuple(Change, (_OP_OF_TAG[tag], pos, table, new, old, action == _K,
+                                           (), 0, "", b"")))
+        self._pending_bytes += len(data)
+        if len(pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
+            out.append(self._stream_chunk() if top is not None else self._chunk())
+        return out
+
+    def _chunk(self) -> TxChanges:
+        chunk = TxChanges(tuple(self._pending))
+        self._pending, self._pending_bytes = [], 0
+        return chunk
+
+    # -- streamed transactions (protocol 2) -----------------------------------------------
+    def _stream_control(self, msg: StreamStart | StreamCommit | StreamAbort) -> list[TxItem]:
+        if self._begin is not None:
+            raise ProtocolError(f"{type(msg).__name__} inside an open transaction", 0)
+        if isinstance(msg, StreamStart):
+            if msg.first_segment:
+                self._stream_pos[msg.xid] = 0
+                self.stream_origins.pop(msg.xid, None)
+            elif msg.xid not in self._stream_pos:
+                # A later block of a transaction whose start we never saw cannot be applied.
+                raise ProtocolError(f"Stream Start of transaction {msg.xid} without its "
+                                    "first segment", 0)
+            self._block_xid, self._block_sub = msg.xid, msg.xid
+            self._block_first = msg.first_segment
+            self._pending, self._pending_bytes = [], 0
+            return []
+        pos = self._stream_pos.pop(msg.xid, None)
+        known = pos is not None
+        if isinstance(msg, StreamCommit):
+            if not known:
+                return []
+            self.stream_origins.pop(msg.xid, None)
+            return [TxStreamCommit(msg.xid, msg.commit_lsn, msg.end_lsn,
+                                   pg_timestamp_to_datetime(msg.commit_ts))]
+        if msg.subxid != msg.xid and pos is not None:
+            self._stream_pos[msg.xid] = pos  # still open: only a subtransaction rolled back
+        elif known:
+            self.stream_origins.pop(msg.xid, None)
+        return [TxStreamAbort(msg.xid, msg.subxid)] if known else []
+
+    def feed_streamed(self, xid: int | None, msg: PgOutputMessage, size: int = 0) -> list[TxItem]:
+        """Take one message inside a block of streamed changes (`decode_streamed`'s result)."""
+        top = self._block_xid
+        if top is None:
+            raise ProtocolError(f"streamed {type(msg).__name__} outside a Stream Start/Stop block",
+                                0)
+        cls = type(msg)
+        out: list[TxItem] = []
+        if cls is Update or cls is Insert or cls is Delete or cls is Truncate or cls is Message:
+            sub = top if xid is None else xid
+            if sub != self._block_sub and self._pending:
+                out.append(self._stream_chunk())
+            self._block_sub = sub
+            pos = self._stream_pos.get(top, 0)
+            self._position = pos
+            self._pending.append(self._change(msg))
+            self._stream_pos[top] = pos + 1
+            self._pending_bytes += size
+            if len(self._pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
+                out.append(self._stream_chunk())
+            return out
+        if isinstance(msg, StreamStop):
+            if self._pending:
+                out.append(self._stream_chunk())
+            self._block_xid = None
+            return out
+        if isinstance(msg, Relation):
+            self.tables[msg.oid] = Table.from_relation(msg)
+        elif isinstance(msg, Type):
+            self.types[msg.oid] = msg
+        elif isinstance(msg, Origin):
+            self.stream_origins[top] = msg.name
+        else:
+            raise ProtocolError(f"unexpected {cls.__name__} inside a block of streamed changes", 0)
+        return out
+
+    def _stream_chunk(self) -> TxStreamChanges:
+        assert self._block_xid is not None
+        chunk = TxStreamChanges(self._block_xid, self._block_sub, tuple(self._pending),
+                                self._block_first)
+        self._block_first = False
+        self._pending, self._pending_bytes = [], 0
+        return chunk
 
     def _table(self, oid: int) -> Table:
         try:
@@ -299,7 +483,7 @@ def collect_transactions(items: list[TxItem] | Iterator[TxItem]) -> list[Transac
             begin, changes = item, []
         elif isinstance(item, TxChanges):
             changes.extend(item.changes)
-        elif begin is not None:
+        elif isinstance(item, TxCommit) and begin is not None:
             result.append(Transaction(begin, tuple(changes), item))
             begin = None
     return result

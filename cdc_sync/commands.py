@@ -11,26 +11,26 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from .config import Settings, SiteSettings, table_matches
-from .connectors.runner import connector_status, start_runners
 from .errors import CdcSyncError, SiteError, SourceError
-from .pipeline import SLOT_BUSY_PATIENCE, Pipeline
 from .protocol import Lsn
-from .resolve import make_resolver
 from .sinks.schema import migrate_site
 from .sinks.site import SESSION_OPTIONS, connect_site
 from .source import catalog
 from .source.catalog import TableDef
 from .source.snapshot import begin_snapshot, check_slot_name, copy_table, exported_snapshot
 from .source.stream import describe_connect_error
+
+if TYPE_CHECKING:  # the pipeline and the connectors are imported by the verbs that use them
+    from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +77,26 @@ def site_tables(site: SiteSettings, tables: list[TableDef]) -> list[TableDef]:
 
 
 def prepare_site(site: SiteSettings, src: psycopg.Connection[Any], tables: list[TableDef],
-                 settings: Settings | None = None) -> list[str]:
+                 settings: Settings | None = None, *,
+                 migration: Future[None] | None = None) -> list[str]:
     """Migrate our schema, create missing schemas/types/tables, check every source column,
-    and attach the local-delete tombstone trigger where the conflict policy needs it."""
-    migrate_site(site.dsn)
+    and attach the local-delete tombstone trigger where the conflict policy needs it.
+
+    `migration` is the site's `migrate_site` already under way (`init` runs it beside the
+    rest): it is waited for only if a tombstone trigger needs our schema; the caller waits for
+    it before anything else uses the schema. Without it, the site is migrated here first.
+    """
+    if migration is None:
+        migrate_site(site.dsn)
     created: list[str] = []
     with connect_site_checked(site) as conn:
         for t in site_tables(site, tables):
             if _prepare_table(conn, site, src, t):
                 created.append(t.qualified)
-            _ensure_tombstone_trigger(conn, t, _tombstone_policy(settings, site, t))
+            policy = _tombstone_policy(settings, site, t)
+            if policy[0] and migration is not None:
+                migration.result()  # the trigger's function is in our schema
+            _ensure_tombstone_trigger(conn, t, policy)
         conn.commit()
     return created
 
@@ -96,6 +106,8 @@ def _tombstone_policy(settings: Settings | None, site: SiteSettings,
     """(whether local deletes need tombstones, the version column) for `t` at `site`."""
     if settings is None:
         return False, None
+    from .resolve import make_resolver
+
     policy = settings.conflicts.for_table(t.qualified)
     return make_resolver(policy, site=site.name).needs_local_rows, policy.version_column
 
@@ -172,7 +184,13 @@ def _site_has_snapshot(site: SiteSettings, source: str) -> bool:
 
 def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], snapshot: str,
                point: Lsn, on_progress: CopyProgress | None, *,
-               record_progress: bool = True) -> int:
+               record_progress: bool = True, created: frozenset[str] = frozenset(),
+               migration: Future[None] | None = None) -> int:
+    """Copy `tables` into `site` at `snapshot`, all in one site transaction (with the site's
+    progress when `record_progress`). Tables in `created` were created by this `init`: while
+    still empty, their primary key is built after their rows are in. The site's schema
+    `migration`, if still running, is waited for before that transaction commits (a failed
+    one fails the copy)."""
     total = 0
     with connect_source(settings.source.dsn, autocommit=False) as src, \
             connect_site_checked(site) as dst:
@@ -190,7 +208,10 @@ def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], s
                 if on_progress is not None:
                     on_progress(site.name, _t, n)
 
-            total += copy_table(src, dst, t, merge=merge, on_rows=rows_cb)
+            total += copy_table(src, dst, t, merge=merge, on_rows=rows_cb,
+                                defer_key=not merge and t.qualified in created)
+        if migration is not None:
+            migration.result()
         if record_progress:
             _record_snapshot(dst, settings.source.name, point)
         dst.commit()
@@ -250,20 +271,52 @@ def _check_site_settings(site: SiteSettings, settings: Settings, tables: list[Ta
 
 
 def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> InitReport:
-    """Idempotent set-up of the source, the slot and every site (see ARCHITECTURE.md)."""
+    """Idempotent set-up of the source, the slot and every site (see ARCHITECTURE.md).
+
+    Once the source passed its checks, the sites' schema migrations (alembic, slow to load on
+    a first run) run on their own threads while the rest goes on: each is waited for before
+    anything reads or writes its schema (a site's copy commits with its progress only after
+    it) and before `init` returns.
+    """
     report = InitReport()
     src_cfg = settings.source
     check_slot_name(src_cfg.slot)
-    with connect_source(src_cfg.dsn) as src:
+    src = connect_source(src_cfg.dsn)
+    try:
         tables = source_tables(src, settings)
         report.tables = [t.qualified for t in tables]
         catalog.check_source(src, tables, src_cfg.slot)
         _check_conflict_policies(settings, tables)
-        catalog.ensure_publication(src, src_cfg.publication, tables)
-        for site in settings.sites:
-            _check_site_settings(site, settings, tables)
-            report.created_tables[site.name] = prepare_site(site, src, tables, settings)
-        slot = catalog.slot_info(src, src_cfg.slot)
+    except BaseException:
+        src.close()
+        raise
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(settings.sites))),
+                            thread_name_prefix="cdc_sync-migrate") as pool:
+        migrations = {s.name: pool.submit(migrate_site, s.dsn) for s in settings.sites}
+        try:
+            with src:
+                catalog.ensure_publication(src, src_cfg.publication, tables)
+                for site in settings.sites:
+                    _check_site_settings(site, settings, tables)
+                    report.created_tables[site.name] = prepare_site(
+                        site, src, tables, settings, migration=migrations[site.name])
+                slot = catalog.slot_info(src, src_cfg.slot)
+            _copy_sites(settings, tables, slot, report, migrations, on_progress)
+            for migration in migrations.values():
+                migration.result()
+        except BaseException:
+            for migration in migrations.values():
+                migration.cancel()
+            raise
+    return report
+
+
+def _copy_sites(settings: Settings, tables: list[TableDef], slot: dict[str, Any] | None,
+                report: InitReport, migrations: dict[str, Future[None]],
+                on_progress: CopyProgress | None) -> None:
+    """The initial copies `init` owes: every site without one, and the tables it created at
+    the others (at a snapshot of the slot, or of a temporary slot when it exists)."""
+    src_cfg = settings.source
     if slot is not None and slot["plugin"] != "pgoutput":
         raise SourceError(f"source: slot {src_cfg.slot} uses plugin {slot['plugin']}, not pgoutput")
     if slot is not None and not slot["same_database"]:
@@ -271,6 +324,8 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
     if slot is None:
         needing = list(settings.sites)
     else:
+        for migration in migrations.values():
+            migration.result()  # cdc_sync.progress is read next
         needing = [s for s in settings.sites if not _site_has_snapshot(s, src_cfg.name)]
     # Sites that had their copy but got new tables (published since): copy just those, at a
     # fresh snapshot; replaying the stream from the site's position afterwards converges.
@@ -285,7 +340,7 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
             f"source: sites {', '.join(names)} need an initial copy; "
             "stop `cdc-sync run` first (the slot is in use)")
     if not needing and not new_tables:
-        return report
+        return
     if slot is None:
         name, temporary = src_cfg.slot, False
         report.slot_created = True
@@ -294,20 +349,23 @@ def init(settings: Settings, *, on_progress: CopyProgress | None = None) -> Init
     with exported_snapshot(src_cfg.dsn, name, temporary=temporary) as (point, snapshot):
         report.snapshot_lsn = str(point)
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(needing)))) as pool:
-            futures = {s.name: pool.submit(_copy_site, settings, s, tables, snapshot, point,
-                                           on_progress) for s in needing}
+            futures = {s.name: pool.submit(
+                _copy_site, settings, s, tables, snapshot, point, on_progress,
+                created=frozenset(report.created_tables.get(s.name, [])),
+                migration=migrations[s.name]) for s in needing}
             futures.update({
                 name: pool.submit(_copy_site, settings, settings.site(name), only, snapshot,
-                                  point, on_progress, record_progress=False)
+                                  point, on_progress, record_progress=False,
+                                  created=frozenset(t.qualified for t in only),
+                                  migration=migrations[name])
                 for name, only in new_tables.items()})
             for site_name, fut in futures.items():
                 report.copied[site_name] = fut.result()
-    return report
 
 
 # -- run ---------------------------------------------------------------------------------
 
-def check_runnable(settings: Settings, *, patience: float = SLOT_BUSY_PATIENCE) -> None:
+def check_runnable(settings: Settings, *, patience: float | None = None) -> None:
     """Fail fast with one clear line when `run` cannot start at all.
 
     A slot another process streams from (another `cdc-sync run`, a `pg_recvlogical`) is
@@ -316,6 +374,10 @@ def check_runnable(settings: Settings, *, patience: float = SLOT_BUSY_PATIENCE) 
     the pipeline starts: its site workers may never get ready while another run holds their
     replication origins, and its reconnect backoff would stretch the patience.
     """
+    if patience is None:
+        from .pipeline import SLOT_BUSY_PATIENCE
+
+        patience = SLOT_BUSY_PATIENCE
     slot_name = settings.source.slot
     deadline = time.monotonic() + patience
     warned = False
@@ -344,6 +406,9 @@ def check_runnable(settings: Settings, *, patience: float = SLOT_BUSY_PATIENCE) 
 def run(settings: Settings, *, install_signals: bool = True,
         pipeline: Pipeline | None = None) -> None:
     """Stream until SIGINT/SIGTERM (or `pipeline.stop()`); reconnects on its own."""
+    from .connectors.runner import start_runners
+    from .pipeline import Pipeline
+
     check_runnable(settings)
     pipe = pipeline or Pipeline(settings)
     if install_signals:
@@ -424,6 +489,8 @@ def status(settings: Settings) -> dict[str, Any]:
         sites.append(entry)
     result: dict[str, Any] = {"source": source, "sites": sites}
     if settings.connectors:
+        from .connectors.runner import connector_status
+
         try:
             result["connectors"] = connector_status(settings)
         except CdcSyncError as exc:
@@ -483,41 +550,44 @@ def _sites(settings: Settings, name: str | None) -> list[SiteSettings]:
     return [settings.site(name)] if name else list(settings.sites)
 
 
-def conflicts(settings: Settings, *, site: str | None = None, limit: int = 50
-              ) -> list[dict[str, Any]]:
-    """The newest conflicts resolved at each site (newest first)."""
+def _per_site(settings: Settings, site: str | None, query: str, params: tuple[Any, ...],
+              row: Callable[[tuple[Any, ...]], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`query` at each site (or only `site`), each row mapped by `row` and tagged with the
+    site's name, in site order."""
     out: list[dict[str, Any]] = []
     for s in _sites(settings, site):
         with connect_site_checked(s, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT id, source, table_name, kind, key, local_row, incoming_row, strategy, "
-                "outcome, lsn::text, commit_ts, detected_at FROM cdc_sync.conflicts "
-                "ORDER BY id DESC LIMIT %s", (limit,)).fetchall()
-        for r in rows:
-            out.append({"site": s.name, "id": r[0], "source": r[1], "table": r[2], "kind": r[3],
-                        "key": r[4], "local_row": r[5], "incoming_row": r[6], "strategy": r[7],
-                        "outcome": r[8], "lsn": r[9], "commit_ts": _iso(r[10]),
-                        "detected_at": _iso(r[11])})
+            rows = conn.execute(query, params).fetchall()
+        out.extend({"site": s.name, **row(r)} for r in rows)
     return out
+
+
+def conflicts(settings: Settings, *, site: str | None = None, limit: int = 50
+              ) -> list[dict[str, Any]]:
+    """The newest conflicts resolved at each site (newest first)."""
+    return _per_site(
+        settings, site,
+        "SELECT id, source, table_name, kind, key, local_row, incoming_row, strategy, "
+        "outcome, lsn::text, commit_ts, detected_at FROM cdc_sync.conflicts "
+        "ORDER BY id DESC LIMIT %s", (limit,),
+        lambda r: {"id": r[0], "source": r[1], "table": r[2], "kind": r[3], "key": r[4],
+                   "local_row": r[5], "incoming_row": r[6], "strategy": r[7],
+                   "outcome": r[8], "lsn": r[9], "commit_ts": _iso(r[10]),
+                   "detected_at": _iso(r[11])})
 
 
 def dead_letters(settings: Settings, *, site: str | None = None, include_resolved: bool = False
                  ) -> list[dict[str, Any]]:
     """Changes the sites rejected and set aside (oldest first)."""
-    out: list[dict[str, Any]] = []
-    for s in _sites(settings, site):
-        with connect_site_checked(s, autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT id, source, table_name, op, key, row_data, old_row, lsn::text, commit_ts, "
-                "error, sqlstate, created_at, retried_at, resolved FROM cdc_sync.dead_letters "
-                "WHERE resolved = false OR %s ORDER BY id", (include_resolved,)).fetchall()
-        for r in rows:
-            out.append({"site": s.name, "id": r[0], "source": r[1], "table": r[2], "op": r[3],
-                        "key": r[4], "row": r[5], "old": r[6], "lsn": r[7],
-                        "commit_ts": _iso(r[8]), "error": r[9], "sqlstate": r[10],
-                        "created_at": _iso(r[11]), "retried_at": _iso(r[12]),
-                        "resolved": r[13]})
-    return out
+    return _per_site(
+        settings, site,
+        "SELECT id, source, table_name, op, key, row_data, old_row, lsn::text, commit_ts, "
+        "error, sqlstate, created_at, retried_at, resolved FROM cdc_sync.dead_letters "
+        "WHERE resolved = false OR %s ORDER BY id", (include_resolved,),
+        lambda r: {"id": r[0], "source": r[1], "table": r[2], "op": r[3], "key": r[4],
+                   "row": r[5], "old": r[6], "lsn": r[7], "commit_ts": _iso(r[8]),
+                   "error": r[9], "sqlstate": r[10], "created_at": _iso(r[11]),
+                   "retried_at": _iso(r[12]), "resolved": r[13]})
 
 
 @dataclass

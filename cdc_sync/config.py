@@ -74,6 +74,8 @@ DEFAULT_SOURCE_TABLES: tuple[str, ...] = ("public.*",)
 DEFAULT_MAX_RETAINED_BYTES = 1 << 30  # 1 GiB of WAL held back by the slot
 DEFAULT_FORWARD_ORIGINS = False
 DEFAULT_HEARTBEAT_SECONDS = 10.0
+DEFAULT_STREAMING = True
+DEFAULT_DECODING_WORK_MEM = "8MB"
 
 Strategy = Literal["source_wins", "lww", "first_write_wins", "merge"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -89,6 +91,7 @@ DEFAULT_CONNECTOR_TIMEOUT_SECONDS = 10.0
 # https://www.postgresql.org/docs/15/functions-admin.html#FUNCTIONS-REPLICATION: slot names
 # "may only contain lower case letters, numbers, and the underscore character"; NAMEDATALEN-1.
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+_MEMORY = re.compile(r"([1-9][0-9]{0,9})(kB|MB|GB)")
 _MERGE_REF = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _MERGE_SHAPE = 'expected "package.module:function"'
 _REFERENCE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
@@ -168,6 +171,23 @@ class SourceSettings(_Model):
     max_retained_bytes: _Int = Field(default=DEFAULT_MAX_RETAINED_BYTES, gt=0)
     forward_origins: _Bool = DEFAULT_FORWARD_ORIGINS
     heartbeat_seconds: _Float = Field(default=DEFAULT_HEARTBEAT_SECONDS, gt=0)
+    # Large transactions are streamed while still in progress (PostgreSQL 14+) and applied as
+    # they arrive, once the server's decoding buffer (logical_decoding_work_mem for our
+    # session) holds more than `decoding_work_mem` of changes.
+    streaming: _Bool = DEFAULT_STREAMING
+    decoding_work_mem: str = DEFAULT_DECODING_WORK_MEM
+
+    @field_validator("decoding_work_mem")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        match = _MEMORY.fullmatch(value)
+        if not match:
+            raise _invalid('expected a size such as "8MB" (a number, then kB, MB or GB)')
+        n, unit = int(match[1]), match[2]
+        kb = n * {"kB": 1, "MB": 1024, "GB": 1024 * 1024}[unit]
+        if not 64 <= kb <= 64 * 1024 * 1024:
+            raise _invalid("must be between 64kB and 64GB")
+        return value
 
     @field_validator("name")
     @classmethod

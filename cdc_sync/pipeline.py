@@ -11,6 +11,13 @@ Contract:
   returns.
 - Transactions carrying a replication origin (our own applied writes at this source, when it
   is also a site of another replicator) are not forwarded unless `forward_origins` is set.
+- Large transactions are streamed while in progress (protocol 2) when `[source] streaming` is
+  on, the server is 14 or later, and nothing needs a transaction's commit time or position
+  before it commits (`stream_apply_possible`: source_wins everywhere, no outbox, no in-process
+  listeners). PostgreSQL 15 cannot tell a streamed transaction's origin: there, unless
+  `forward_origins` is set, a source that has replication origins is streamed without
+  streaming. A site that meets a lock conflict between its own connections asks for a replay
+  without streaming, which is then off for `STREAM_PAUSE` seconds.
 """
 
 from __future__ import annotations
@@ -22,11 +29,31 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from .changes import DEFAULT_CHUNK_SIZE, Assembler, Change, Table, TxBegin, TxCommit, TxItem
+from .changes import (
+    DEFAULT_CHUNK_SIZE,
+    Assembler,
+    Change,
+    Table,
+    TxBegin,
+    TxCommit,
+    TxItem,
+)
 from .config import Settings, SiteSettings, table_matches
 from .errors import CdcSyncError
 from .events import outbox_rows
-from .protocol import Commit, Lsn, Message, PrimaryKeepalive, XLogData, decode_message
+from .protocol import (
+    ROW_TAGS,
+    XLOG_DATA_HEADER_SIZE,
+    Commit,
+    Lsn,
+    Message,
+    PrimaryKeepalive,
+    StreamCommit,
+    StreamStart,
+    decode_copy_data,
+    decode_message,
+    decode_streamed,
+)
 from .resolve import Resolver, make_resolver
 from .sinks._resolving import origin_name
 from .sinks.listeners import Listener, ListenerThread
@@ -44,6 +71,8 @@ RECONNECT_MAX: Final = 10.0
 SLOT_BUSY_PATIENCE: Final = 30.0
 SLOW_SITE_SECONDS: Final = 10.0
 RETENTION_CHECK_INTERVAL: Final = 30.0
+STREAM_PAUSE: Final = 300.0
+_XLOG_DATA: Final = ord("w")
 
 
 class Pipeline:
@@ -73,6 +102,10 @@ class Pipeline:
         self.monitor = SourceMonitor(settings.source.dsn, settings.source.slot)
         self.retained_bytes: int | None = None
         self.listeners = [ListenerThread(fn, name=f"listener-{i}") for i, fn in enumerate(listeners)]
+        self.stream_apply = stream_apply_possible(settings) and not self.listeners
+        self._no_stream_until = 0.0
+        self._check_origins = False  # PostgreSQL 15 without forward_origins (see module doc)
+        self.streaming = False  # whether the current stream session streams
 
     # -- control --------------------------------------------------------------------------
     def stop(self) -> None:
@@ -83,8 +116,15 @@ class Pipeline:
         return self._stop.is_set()
 
     def _request_rewind(self, worker: SiteWorker) -> None:
+        if worker.stream_conflict:
+            worker.stream_conflict = False
+            self._pause_streaming(f"site {worker.site} waited on its own streamed transaction")
         log.info("site %s is back: replaying the stream from the slot", worker.site)
         self._rewind.set()
+
+    def _pause_streaming(self, why: str) -> None:
+        log.warning("%s: streaming in-progress transactions is off for %d s", why, STREAM_PAUSE)
+        self._no_stream_until = time.monotonic() + STREAM_PAUSE
 
     def flush_position(self) -> Lsn:
         """The minimum durable position over all sites (0/0 while any site is unknown)."""
@@ -105,14 +145,19 @@ class Pipeline:
         busy_since: float | None = None
         try:
             while not self._stop.is_set():
+                source = self.settings.source
                 stream = ReplicationStream(
-                    self.settings.source.dsn, self.settings.source.slot,
-                    self.settings.source.publication,
-                    origin_none=not self.settings.source.forward_origins,
+                    source.dsn, source.slot, source.publication,
+                    origin_none=not source.forward_origins,
+                    streaming=self.stream_apply and time.monotonic() >= self._no_stream_until,
+                    decoding_work_mem=source.decoding_work_mem,
                 )
                 try:
                     self._rewind.clear()
                     stream.open(Lsn(0))
+                    self.streaming = stream.streaming
+                    self._check_origins = (stream.streaming and stream.server_version < 160000
+                                           and not source.forward_origins)
                     # Every stream session starts with a Reset: whatever a site still holds
                     # of an earlier session (or waits for, after asking for a replay) is
                     # settled before the first item of this one.
@@ -181,28 +226,54 @@ class Pipeline:
         try:
             while not self._stop.is_set() and not self._rewind.is_set():
                 reply = False
-                for frame in stream.read(0.2):
-                    if isinstance(frame, XLogData):
-                        last_data = time.monotonic()
-                        msg = decode_message(frame.data)
-                        if type(msg) is Message and msg.prefix == HEARTBEAT_PREFIX:
-                            continue  # only there to make the slot advance (see monitor)
-                        for item in assembler.feed(msg, len(frame.data)):
-                            if isinstance(item, TxBegin):
-                                skipping = item.origin is not None and not forward
-                            if not skipping:
-                                self._dispatch(item, stream)
-                            elif isinstance(item, TxCommit):
-                                # Skipped transactions still move every site forward.
-                                skipping = False
-                                self._dispatch(Keepalive(item.end_lsn), stream)
-                        if isinstance(msg, Commit):
-                            self.received_lsn = max(self.received_lsn, msg.end_lsn)
-                    elif isinstance(frame, PrimaryKeepalive):
-                        self.received_lsn = max(self.received_lsn, frame.wal_end)
-                        reply = reply or frame.reply_requested
-                        if not assembler.in_transaction:
-                            idle_end = max(idle_end, frame.wal_end)
+                for raw in stream.read_raw(0.2):
+                    if raw[0] != _XLOG_DATA or len(raw) < XLOG_DATA_HEADER_SIZE:
+                        frame = decode_copy_data(raw)  # a keepalive (or the error for raw)
+                        if isinstance(frame, PrimaryKeepalive):
+                            self.received_lsn = max(self.received_lsn, frame.wal_end)
+                            reply = reply or frame.reply_requested
+                            if not assembler.in_transaction:
+                                idle_end = max(idle_end, frame.wal_end)
+                        continue
+                    last_data = time.monotonic()
+                    data = raw[XLOG_DATA_HEADER_SIZE:]
+                    if data[:1] and data[0] in ROW_TAGS:
+                        # The hot path: a row change, in a transaction or a streamed block.
+                        items = assembler.feed_row(data)
+                        if items:
+                            if assembler.in_stream_block:
+                                for item in items:
+                                    self._dispatch(item, stream)
+                            elif not skipping:
+                                for item in items:
+                                    self._dispatch(item, stream)
+                        continue
+                    if assembler.in_stream_block:
+                        xid, msg = decode_streamed(data)
+                        for item in assembler.feed_streamed(xid, msg, len(data)):
+                            self._dispatch(item, stream)
+                        continue
+                    msg = decode_message(data)
+                    if type(msg) is Message and msg.prefix == HEARTBEAT_PREFIX:
+                        continue  # only there to make the slot advance (see monitor)
+                    if (type(msg) is StreamStart and msg.first_segment
+                            and self._check_origins and self.monitor.has_replication_origins()):
+                        self._pause_streaming("the source has replication origins, which "
+                                              "PostgreSQL 15 does not show for streamed "
+                                              "transactions")
+                        self._rewind.set()
+                        break
+                    for item in assembler.feed(msg, len(data)):
+                        if isinstance(item, TxBegin):
+                            skipping = item.origin is not None and not forward
+                        if not skipping:
+                            self._dispatch(item, stream)
+                        elif isinstance(item, TxCommit):
+                            # Skipped transactions still move every site forward.
+                            skipping = False
+                            self._dispatch(Keepalive(item.end_lsn), stream)
+                    if isinstance(msg, (Commit, StreamCommit)):
+                        self.received_lsn = max(self.received_lsn, msg.end_lsn)
                 now = time.monotonic()
                 # Between transactions, everything up to the last keepalive's position has been
                 # handed out: sites with nothing pending may count it as applied. Throttled, but
@@ -290,6 +361,19 @@ class Pipeline:
             log.warning("could not confirm %s to the source at shutdown: %s", flush, exc)
         finally:
             stream.close()
+
+
+def stream_apply_possible(settings: Settings) -> bool:
+    """Whether in-progress transactions may be streamed and applied as they arrive: asked for
+    (`[source] streaming`), and nothing needs a transaction's commit time or position before
+    it commits: every table source_wins without counters, no outbox or connectors."""
+    if not settings.source.streaming:
+        return False
+    if settings.connectors or "outbox" in settings.model_fields_set:
+        return False
+    conf = settings.conflicts
+    policies = [conf.for_table(q) for q in conf.tables] + [conf.for_table("\x00default")]
+    return all(p.strategy == "source_wins" and not p.counters for p in policies)
 
 
 def uses_commit_time(settings: Settings) -> bool:

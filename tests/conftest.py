@@ -12,6 +12,9 @@
 - ``make_db(prefix="db") -> str`` (function): creates a fresh uniquely named database on
   ``cluster`` and returns its DSN; at teardown its subscriptions, backends, WAL senders and
   replication slots are removed and it is dropped.
+- ``databases_on(cluster)`` (session): the factory behind ``make_db`` for any cluster and any
+  fixture scope: ``with databases_on(some_cluster) as make: dsn = make("src")``; the databases
+  are dropped (as by ``make_db``) when the block ends.
 - ``make_cluster(binaries=None, **create_kwargs) -> Cluster`` (function): a separate running
   cluster (for restart/kill tests, several offices); ``binaries`` defaults to the test's
   ``server_binaries`` if it uses that fixture, else ``default_server()``. Destroyed at teardown.
@@ -25,6 +28,7 @@ import re
 import secrets
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +108,8 @@ def cluster(server_binaries: ServerBinaries, cluster_base_dir: Path | None) -> I
         yield running
 
 
-@pytest.fixture
-def make_db(cluster: Cluster) -> Iterator[Callable[..., str]]:
+@contextmanager
+def _databases_on(cluster: Cluster) -> Iterator[Callable[..., str]]:
     created: list[str] = []
 
     def make(prefix: str = "db") -> str:
@@ -116,9 +120,25 @@ def make_db(cluster: Cluster) -> Iterator[Callable[..., str]]:
         created.append(name)
         return dsn
 
-    yield make
-    for name in reversed(created):
-        cluster.drop_database(name)
+    try:
+        yield make
+    finally:
+        for name in reversed(created):
+            cluster.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def databases_on() -> Callable[[Cluster], AbstractContextManager[Callable[..., str]]]:
+    return _databases_on
+
+
+@pytest.fixture
+def make_db(
+    cluster: Cluster,
+    databases_on: Callable[[Cluster], AbstractContextManager[Callable[..., str]]],
+) -> Iterator[Callable[..., str]]:
+    with databases_on(cluster) as make:
+        yield make
 
 
 @pytest.fixture

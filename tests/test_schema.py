@@ -420,3 +420,69 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert module.startswith(str(site))
     assert location == str(site / "cdc_sync" / "_migrations")
     assert head == "0002"
+
+
+# -- the cheap path ----------------------------------------------------------------------------
+
+def test_light_head_revision_is_alembics() -> None:
+    assert schema.light_head_revision() == head_revision()
+
+
+def test_light_head_revision_gives_up_on_what_it_cannot_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    monkeypatch.setattr(schema, "script_location", lambda: tmp_path)
+    cases = {
+        "chain": (['revision = "a"\ndown_revision = None\n',
+                   'revision = "b"\ndown_revision = "a"\n'], "b"),
+        "two heads": (['revision = "a"\ndown_revision = None\n',
+                       'revision = "b"\ndown_revision = "a"\n',
+                       'revision = "c"\ndown_revision = "a"\n'], None),
+        "a merge": (['revision = "a"\ndown_revision = None\n',
+                     'revision = "b"\ndown_revision = ("a", "x")\n'], None),
+        "computed": (['revision = "a"\ndown_revision = None\n',
+                      'revision = REV\ndown_revision = "a"\n'], None),
+        "unknown parent": (['revision = "a"\ndown_revision = "zz"\n'], None),
+    }
+    for name, (files, expected) in cases.items():
+        for old in versions.iterdir():
+            old.unlink()
+        for i, text in enumerate(files):
+            (versions / f"{i:04d}_x.py").write_text(text)
+        schema.light_head_revision.cache_clear()
+        assert schema.light_head_revision() == expected, name
+    schema.light_head_revision.cache_clear()
+
+
+def test_cli_import_leaves_alembic_and_the_pipeline_out() -> None:
+    code = ("import sys, cdc_sync.cli; print(sorted(m for m in ('alembic', 'sqlalchemy', "
+            "'cdc_sync.pipeline', 'cdc_sync.connectors.runner', 'httpx') if m in sys.modules))")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "[]"
+
+
+def test_a_site_at_head_is_checked_without_alembic(make_db: Callable[..., str]) -> None:
+    dsn = make_db("schema")
+    code = ("import gc, sys; from cdc_sync.sinks.schema import migrate_site; "
+            "migrate_site(sys.argv[1]); "
+            "print('alembic' in sys.modules, 'sqlalchemy' in sys.modules, gc.get_freeze_count() > 0)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+
+    def probe() -> str:
+        done = subprocess.run([sys.executable, "-c", code, dsn], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    # A first migration needs alembic (and then keeps its objects from the collector's walks).
+    assert probe() == "True True True"
+    assert schema_version(dsn) == head_revision()
+    # At head: one psycopg query, alembic and SQLAlchemy never imported.
+    assert probe() == "False False False"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE cdc_sync.alembic_version SET version_num = '0001'")
+    assert probe() == "True True True"  # behind: alembic upgrades it
+    assert schema_version(dsn) == head_revision()

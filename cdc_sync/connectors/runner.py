@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +44,7 @@ from typing import Any, Final, Protocol
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from ..backoff import backoff_delay
 from ..config import ConnectorSettings, Settings, table_matches
 from ..errors import CdcSyncError, SiteError, dsn_label, mask_dsn
 from .webhook import WebhookClient
@@ -313,9 +313,8 @@ class ConnectorRunner:
             self.close()
 
     def backoff_delay(self, failures: int) -> float:
-        """Full jitter: uniform in [0, min(cap, base * 2**(failures-1))]."""
-        ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** min(max(failures - 1, 0), 62))
-        return random.uniform(0.0, ceiling)
+        """Full jitter: uniform in [0, min(cap, base * 2**(failures-1))] (`cdc_sync.backoff`)."""
+        return backoff_delay(failures, self.backoff_base, self.backoff_cap, jitter="full")
 
     def close(self) -> None:
         self._drop_connection()

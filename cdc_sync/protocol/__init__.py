@@ -3,9 +3,10 @@
 This package imports only the standard library (a test enforces it).
 """
 
-from ._decode import decode_message
+from ._decode import ROW_TAGS, RowData, decode_message, decode_row, decode_streamed
 from ._errors import ProtocolError
 from ._frames import (
+    XLOG_DATA_HEADER_SIZE,
     PrimaryKeepalive,
     XLogData,
     decode_copy_data,
@@ -29,6 +30,10 @@ from ._messages import (
     PgOutputMessage,
     Relation,
     ReplicaIdentity,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
     Truncate,
     TupleData,
     TupleKind,
@@ -40,11 +45,14 @@ from ._messages import (
 )
 
 __all__ = [
+    "ROW_TAGS",
+    "RowData",
     "INVALID_LSN",
     "PG_EPOCH",
     "TRUNCATE_CASCADE",
     "TRUNCATE_RESTART_IDENTITY",
     "UNCHANGED_TOAST",
+    "XLOG_DATA_HEADER_SIZE",
     "Begin",
     "Column",
     "Commit",
@@ -60,6 +68,10 @@ __all__ = [
     "ProtocolError",
     "Relation",
     "ReplicaIdentity",
+    "StreamAbort",
+    "StreamCommit",
+    "StreamStart",
+    "StreamStop",
     "Truncate",
     "TupleData",
     "TupleKind",
@@ -70,6 +82,8 @@ __all__ = [
     "datetime_to_pg_timestamp",
     "decode_copy_data",
     "decode_message",
+    "decode_row",
+    "decode_streamed",
     "encode_standby_status",
     "pg_timestamp_to_datetime",
 ]

@@ -1,4 +1,5 @@
-"""Decode one pgoutput protocol-1 message: `decode_message(buf) -> PgOutputMessage`.
+"""Decode one pgoutput message: `decode_message(buf) -> PgOutputMessage`, and inside a block
+of streamed changes `decode_streamed(buf) -> (xid, PgOutputMessage)`.
 
 Contract: `buf` is exactly one message, the payload of one XLogData frame, starting with its tag
 byte. The result is a frozen dataclass from `_messages`; nothing is read from anywhere else.
@@ -7,9 +8,13 @@ negative length, invalid UTF-8 or bytes left over after the message raise `Proto
 offset is counted from the tag byte (offset 0).
 
 The layout mirrors PostgreSQL's `src/backend/replication/logical/proto.c` (one `_decode_x` per
-`logicalrep_read_x`, fields in the same order). Protocol version 1 only: no streaming or
-two-phase messages, so there is never an xid in front of the relation oid. Integers are network
-byte order; oids and LSNs are unsigned, timestamps and type modifiers signed.
+`logicalrep_read_x`, fields in the same order). Protocol versions 1 and 2 (`streaming 'on'`):
+Stream Start/Stop/Commit/Abort are decoded by `decode_message`; between a Stream Start and its
+Stream Stop the server puts the (sub)transaction's xid in front of Relation, Type, Insert,
+Update, Delete, Truncate and Message, which `decode_streamed` reads (it returns xid None for the
+messages that carry none there, such as Origin and Stream Stop). Two-phase messages (protocol 3)
+are refused by name. Integers are network byte order; oids and LSNs are unsigned, timestamps and
+type modifiers signed.
 
 Speed matters: a transaction of a million rows is decoded here, in Python (measured on
 CPython 3.11: 0.42-0.47 million 5-column text Updates a second, about 2.2 us each; 3.0 us with
@@ -43,6 +48,10 @@ from ._messages import (
     PgOutputMessage,
     Relation,
     ReplicaIdentity,
+    StreamAbort,
+    StreamCommit,
+    StreamStart,
+    StreamStop,
     Truncate,
     TupleData,
     Type,
@@ -50,7 +59,7 @@ from ._messages import (
     Value,
 )
 
-__all__ = ["decode_message"]
+__all__ = ["ROW_TAGS", "RowData", "decode_message", "decode_row", "decode_streamed"]
 
 _BEGIN: Final = struct.Struct("!QqI")  # final_lsn, commit ts, xid
 _COMMIT: Final = struct.Struct("!BQQq")  # flags, commit lsn, end lsn, commit ts
@@ -80,12 +89,13 @@ _new_int = int.__new__
 
 _REPLICA_IDENTITY: Final = {ord(r.value): r for r in ReplicaIdentity}
 
-# Tags of later protocol versions (streaming 2, two-phase 3): named in the error, not decoded.
+_STREAM_START: Final = struct.Struct("!IB")  # xid, first segment
+_STREAM_COMMIT: Final = struct.Struct("!IBQQq")  # xid, flags, commit lsn, end lsn, commit ts
+_STREAM_ABORT: Final = struct.Struct("!II")  # xid, subxid
+_XID: Final = struct.Struct("!I")
+
+# Tags of two-phase messages (protocol 3): named in the error, not decoded.
 _UNSUPPORTED: Final = {
-    ord("S"): "Stream Start",
-    ord("E"): "Stream Stop",
-    ord("c"): "Stream Commit",
-    ord("A"): "Stream Abort",
     ord("b"): "Begin Prepare",
     ord("P"): "Prepare",
     ord("K"): "Commit Prepared",
@@ -105,13 +115,91 @@ def decode_message(buf: bytes | memoryview) -> PgOutputMessage:
     if decoder is None:
         name = _UNSUPPORTED.get(buf[0])
         if name is not None:
-            raise ProtocolError(f"{name} message ({chr(buf[0])!r}) needs a protocol version "
-                                "above 1, which cdc_sync does not request", 0)
+            raise ProtocolError(f"{name} message ({chr(buf[0])!r}) needs protocol version 3 "
+                                "(two-phase), which cdc_sync does not request", 0)
         raise ProtocolError(f"unknown pgoutput message tag {buf[:1]!r}", 0)
     msg, pos = decoder(buf)
     if pos != len(buf):
         raise ProtocolError(f"{len(buf) - pos} trailing byte(s) after {type(msg).__name__}", pos)
     return msg
+
+
+# Tags that carry the (sub)transaction's xid inside a block of streamed changes.
+_XID_TAGS: Final = frozenset(b"RYIUDTM")
+
+
+def decode_streamed(buf: bytes | memoryview) -> tuple[int | None, PgOutputMessage]:
+    """Decode one message inside a block of streamed changes (between Stream Start and Stop).
+
+    Returns the xid the server put in front of the message (that of the subtransaction that
+    made a change), or None for messages without one there (Origin, Stream Stop). Error
+    offsets count from the tag byte of `buf`, as for `decode_message`.
+    """
+    if type(buf) is not bytes:
+        buf = bytes(buf)
+    if not buf or buf[0] not in _XID_TAGS:
+        return None, decode_message(buf)
+    if len(buf) < 1 + _XID.size:
+        raise _short("streamed transaction xid", 1, _XID.size, buf)
+    (xid,) = _XID.unpack_from(buf, 1)
+    try:
+        return xid, decode_message(buf[:1] + buf[1 + _XID.size:])
+    except ProtocolError as exc:
+        # Offsets past the tag are 4 bytes further in the original message.
+        offset = exc.offset + _XID.size if exc.offset > 0 else exc.offset
+        raise ProtocolError(exc.reason, offset) from None
+
+
+# The hot path: row changes without the message object (`decode_row`).
+ROW_TAGS: Final = frozenset(b"IUD")
+RowData = tuple[int | None, int, int, int, "TupleData | None", "TupleData | None"]
+"""`decode_row`'s result: (xid or None, tag, relation oid, old-tuple marker ('N' none, 'K' key,
+'O' old row), old tuple or None, new tuple or None (Delete))."""
+
+
+def decode_row(buf: bytes, streamed: bool = False) -> RowData:
+    """Decode an Insert, Update or Delete (tag in `ROW_TAGS`) straight into a plain tuple.
+
+    The same checks and errors as `decode_message` (offsets from the tag byte); with
+    `streamed`, the message comes from a block of streamed changes and carries an xid.
+    """
+    tag = buf[0]
+    xid: int | None = None
+    start = 1
+    if streamed:
+        if len(buf) < 5:
+            raise _short("streamed transaction xid", 1, 4, buf)
+        (xid,) = _XID.unpack_from(buf, 1)
+        start = 5
+    name = "Insert" if tag == 0x49 else "Update" if tag == 0x55 else "Delete"
+    if len(buf) < start + 5:
+        raise _short(name, start, 5, buf)
+    oid, action = _OID_ACTION.unpack_from(buf, start)
+    old: TupleData | None = None
+    new: TupleData | None = None
+    if tag == 0x55:  # 'U'
+        if action == _N:
+            new, pos = _read_tuple(buf, start + 5)
+        else:
+            _old_kind(action, start + 4, "Update")
+            old, pos = _read_tuple(buf, start + 5)
+            if pos >= len(buf):
+                raise _short("Update new-tuple marker", pos, 1, buf)
+            if buf[pos] != _N:
+                raise ProtocolError(f"Update: expected 'N', got {buf[pos:pos + 1]!r}", pos)
+            new, pos = _read_tuple(buf, pos + 1)
+    elif tag == 0x49:  # 'I'
+        if action != _N:
+            raise ProtocolError(f"Insert: expected 'N', got {bytes((action,))!r}", start + 4)
+        new, pos = _read_tuple(buf, start + 5)
+    elif tag == 0x44:  # 'D'
+        _old_kind(action, start + 4, "Delete")
+        old, pos = _read_tuple(buf, start + 5)
+    else:
+        raise ProtocolError(f"not a row change: tag {buf[:1]!r}", 0)
+    if pos != len(buf):
+        raise ProtocolError(f"{len(buf) - pos} trailing byte(s) after {name}", pos)
+    return xid, tag, oid, action, old, new
 
 
 # --- shared readers ----------------------------------------------------------------------------
@@ -414,6 +502,38 @@ def _decode_type(buf: bytes) -> tuple[Type, int]:
     return Type(oid, namespace, name), pos
 
 
+def _decode_stream_start(buf: bytes) -> tuple[StreamStart, int]:
+    # logicalrep_read_stream_start: xid int32, first segment int8
+    if len(buf) < 1 + _STREAM_START.size:
+        raise _short("Stream Start", 1, _STREAM_START.size, buf)
+    xid, first = _STREAM_START.unpack_from(buf, 1)
+    if first not in (0, 1):
+        raise ProtocolError(f"Stream Start: first-segment flag {first} is neither 0 nor 1", 5)
+    return StreamStart(xid, bool(first)), 1 + _STREAM_START.size
+
+
+def _decode_stream_stop(buf: bytes) -> tuple[StreamStop, int]:
+    # logicalrep_write_stream_stop: the tag only
+    return StreamStop(), 1
+
+
+def _decode_stream_commit(buf: bytes) -> tuple[StreamCommit, int]:
+    # logicalrep_read_stream_commit: xid, flags int8 (0), commit lsn, end lsn, commit timestamp
+    if len(buf) < 1 + _STREAM_COMMIT.size:
+        raise _short("Stream Commit", 1, _STREAM_COMMIT.size, buf)
+    xid, flags, commit_lsn, end_lsn, commit_ts = _STREAM_COMMIT.unpack_from(buf, 1)
+    return (StreamCommit(xid, flags, _new_int(Lsn, commit_lsn), _new_int(Lsn, end_lsn), commit_ts),
+            1 + _STREAM_COMMIT.size)
+
+
+def _decode_stream_abort(buf: bytes) -> tuple[StreamAbort, int]:
+    # logicalrep_read_stream_abort: xid, subxid (protocol 4 adds abort lsn and time; we ask 2)
+    if len(buf) < 1 + _STREAM_ABORT.size:
+        raise _short("Stream Abort", 1, _STREAM_ABORT.size, buf)
+    xid, subxid = _STREAM_ABORT.unpack_from(buf, 1)
+    return StreamAbort(xid, subxid), 1 + _STREAM_ABORT.size
+
+
 _DECODERS: Final[dict[int, Callable[[bytes], tuple[PgOutputMessage, int]]]] = {
     ord("I"): _decode_insert,
     ord("U"): _decode_update,
@@ -425,4 +545,8 @@ _DECODERS: Final[dict[int, Callable[[bytes], tuple[PgOutputMessage, int]]]] = {
     ord("Y"): _decode_type,
     ord("T"): _decode_truncate,
     ord("M"): _decode_message,
+    ord("S"): _decode_stream_start,
+    ord("E"): _decode_stream_stop,
+    ord("c"): _decode_stream_commit,
+    ord("A"): _decode_stream_abort,
 }

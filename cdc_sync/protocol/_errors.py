@@ -8,4 +8,5 @@ class ProtocolError(Exception):
 
     def __init__(self, message: str, offset: int) -> None:
         super().__init__(f"{message} (at byte offset {offset})")
+        self.reason = message
         self.offset = offset

@@ -1,4 +1,5 @@
-"""pgoutput protocol-1 messages as frozen, slotted dataclasses.
+"""pgoutput messages (protocol 1, plus protocol 2's streaming of in-progress transactions) as
+frozen, slotted dataclasses.
 
 Field order follows PostgreSQL's `src/backend/replication/logical/proto.c`
 (`logicalrep_write_*`). Timestamps are kept as microseconds since 2000-01-01 UTC (PostgreSQL's
@@ -44,6 +45,10 @@ class MessageKind(enum.Enum):
     DELETE = b"D"
     TRUNCATE = b"T"
     MESSAGE = b"M"
+    STREAM_START = b"S"
+    STREAM_STOP = b"E"
+    STREAM_COMMIT = b"c"
+    STREAM_ABORT = b"A"
 
 
 class TupleKind(enum.Enum):
@@ -209,6 +214,41 @@ class Message:
         return bool(self.flags & 1)
 
 
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """`logicalrep_write_stream_start` (protocol 2): a block of changes of the in-progress
+    transaction `xid` follows, up to `StreamStop`; `first_segment` marks its first block."""
+
+    xid: int
+    first_segment: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStop:
+    """`logicalrep_write_stream_stop`: the current block of streamed changes ends."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCommit:
+    """`logicalrep_write_stream_commit`: the streamed transaction `xid` committed."""
+
+    xid: int
+    flags: int
+    commit_lsn: Lsn
+    end_lsn: Lsn
+    commit_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAbort:
+    """`logicalrep_write_stream_abort`: the streamed transaction `xid` (when `subxid == xid`)
+    or only its subtransaction `subxid` (with everything it streamed) rolled back."""
+
+    xid: int
+    subxid: int
+
+
 PgOutputMessage = (
     Begin | Commit | Origin | Relation | Type | Insert | Update | Delete | Truncate | Message
+    | StreamStart | StreamStop | StreamCommit | StreamAbort
 )

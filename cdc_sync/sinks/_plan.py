@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 from ..changes import UNCHANGED_TOAST, Change, Op, Table
 from ..protocol import TupleData
@@ -69,6 +70,10 @@ def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]], *,
     overwritten), instead of ending the run: a hot row updated by every transaction of a batch
     costs one statement, not one per transaction.
     """
+    single = _single_run(changes, keys)
+    if single is not None:
+        yield single
+        return
     current: list[Change] = []
     cur_op: Op | None = None
     cur_table: Table | None = None
@@ -136,6 +141,38 @@ def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]], *,
             seen.add(k2)
     if current:
         yield Run(cur_op or Op.MESSAGE, cur_table, tuple(current), cur_cols)
+
+
+def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Run | None:
+    """The whole chunk as one run, when that is plain to see (the common case of a big
+    transaction): one op on one keyed table, distinct keys, whole rows, no key changes. None
+    when any of that does not hold (the general planner then decides)."""
+    if not changes:
+        return None
+    first = changes[0]
+    op, table = first.op, first.table
+    if table is None or op is Op.TRUNCATE or op is Op.MESSAGE:
+        return None
+    key = keys.get(table.oid)
+    if key is None or not all(ch.op is op and ch.table is table for ch in changes):
+        return None
+    cols: tuple[int, ...] = ()
+    if op is Op.DELETE:
+        rows = [ch.old for ch in changes]
+    else:
+        rows = [ch.new for ch in changes]
+        if op is Op.UPDATE:
+            if any(ch.old is not None for ch in changes) or any(
+                    UNCHANGED_TOAST in r for r in rows):  # type: ignore[operator]
+                return None
+            cols = _all_columns(table)
+    if len(key) == 1:
+        distinct = len(set(map(itemgetter(key[0]), rows)))  # type: ignore[arg-type]
+    else:
+        distinct = len(set(map(itemgetter(*key), rows)))  # type: ignore[arg-type]
+    if distinct != len(rows):
+        return None
+    return Run(op, table, tuple(changes), cols)
 
 
 _ALL: dict[int, tuple[int, ...]] = {}

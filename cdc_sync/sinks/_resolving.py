@@ -25,7 +25,6 @@ from ..changes import UNCHANGED_TOAST, Change, Op, TxBegin
 from ..protocol import ReplicaIdentity
 from ..resolve import Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
-from ._arrays import columns, text_array
 from ._plan import Run
 from ._rows import as_dict, key_dict, key_values
 from ._sql import SiteTable
@@ -34,6 +33,11 @@ if TYPE_CHECKING:
     from .site import SiteWriter
 
 ORIGIN_PREFIX = "cdc_sync:"
+
+
+def _transpose(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Rows of values to one list (array parameter) per column."""
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def origin_name(source: str, site: str) -> str:
@@ -91,7 +95,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     # cannot cover a key with no row, so each key's advisory lock is taken first, in order.
     cur.execute("SELECT pg_advisory_xact_lock(h) FROM unnest(%s::bigint[]) AS u(h) ORDER BY h",
                 (sorted({_key_lock(table.qualified, k) for k in befores}),))
-    cur.execute(_local_rows_sql(st, with_ts), columns(befores))
+    cur.execute(_local_rows_sql(st, with_ts), _transpose(befores))
     nk = len(key)
     local: dict[tuple[Any, ...], LocalRow] = {}
     for r in cur.fetchall():
@@ -149,7 +153,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     else:
         more_applied = 0
     if deletes:
-        cur.execute(_sql.delete_sql(st), columns([d[0] for d in deletes]))
+        cur.execute(_sql.delete_sql(st), _transpose([d[0] for d in deletes]))
         cur.execute(
             "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
             "SELECT %s, k, d, v, %s, l::pg_lsn FROM unnest(%s::jsonb[], %s::text[], "
@@ -185,7 +189,7 @@ def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable, writes: Sequence[_Write
         return []
     moved = [w.before for w in writes if w.before != w.after]
     if moved:
-        cur.execute(_sql.delete_sql(st), columns(moved))
+        cur.execute(_sql.delete_sql(st), _transpose(moved))
     index = {c: i for i, c in enumerate(st.table.columns)}
     groups: dict[tuple[tuple[int, ...], bool], list[_Write]] = {}
     for w in writes:
@@ -194,7 +198,7 @@ def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable, writes: Sequence[_Write
     raced: list[_Write] = []
     for (cols, fresh), group in groups.items():
         names = [st.table.columns[i] for i in cols]
-        params = [text_array([w.row[n] for w in group]) for n in names]
+        params = [[w.row[n] for w in group] for n in names]
         if not fresh:
             cur.execute(_sql.insert_sql(st, cols, True), params)
             continue

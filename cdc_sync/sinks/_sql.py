@@ -1,7 +1,8 @@
 """Set-based statements for one `Run`, built with `psycopg.sql` (identifiers quoted).
 
-Values travel as binary text arrays (`unnest(%b::text[], …)`, see `_arrays`) and are cast on
-the site to the site column's type (`format_type` of the site's catalog), so every type
+Values travel as text arrays, one parameter per column (`unnest(string_to_array(%s, …), …)`
+when packed, `unnest(%b::text[], …)` otherwise; see `_arrays`), and are cast on the site to the
+site column's type (`format_type` of the site's catalog), so every type
 round-trips through its own input function: nothing is lost between source and site. Column
 aliases inside the statements are positional (`c0`, `k0`, …) so no user identifier can collide
 with them.
@@ -53,15 +54,21 @@ def param_ident(*names: str) -> sql.SQL:
     return sql.SQL(sql.Identifier(*names).as_string(None).replace("%", "%%"))
 
 
-def _params(n: int) -> sql.Composed:
-    return sql.SQL(", ").join(sql.SQL("%b::text[]") for _ in range(n))
+_BINARY_PARAM = sql.SQL("%b::text[]")
+_PACKED_PARAM = sql.SQL("string_to_array(%s, E'\\x1f', E'\\x1e')")
+
+
+def _params(n: int, packed: bool = False) -> sql.Composed:
+    param = _PACKED_PARAM if packed else _BINARY_PARAM
+    return sql.SQL(", ").join(param for _ in range(n))
 
 
 def _aliases(prefix: str, n: int) -> list[sql.Identifier]:
     return [sql.Identifier(f"{prefix}{j}") for j in range(n)]
 
 
-def insert_sql(st: SiteTable, columns: Sequence[int], upsert: bool) -> sql.Composed:
+def insert_sql(st: SiteTable, columns: Sequence[int], upsert: bool, packed: bool = False
+               ) -> sql.Composed:
     """INSERT … SELECT FROM unnest(…) [ON CONFLICT (key) DO UPDATE SET every other column]."""
     vals = _aliases("c", len(columns))
     stmt = sql.SQL("INSERT INTO {t} ({cols}) SELECT {casts} FROM unnest({params}) AS v({vals})").format(
@@ -70,7 +77,7 @@ def insert_sql(st: SiteTable, columns: Sequence[int], upsert: bool) -> sql.Compo
         casts=sql.SQL(", ").join(
             sql.SQL("v.{a}::{ty}").format(a=a, ty=st.typ(i)) for a, i in zip(vals, columns, strict=True)
         ),
-        params=_params(len(columns)),
+        params=_params(len(columns), packed),
         vals=sql.SQL(", ").join(vals),
     )
     if upsert and st.key:
@@ -90,7 +97,7 @@ def insert_sql(st: SiteTable, columns: Sequence[int], upsert: bool) -> sql.Compo
     return stmt
 
 
-def update_sql(st: SiteTable, columns: Sequence[int]) -> sql.Composed:
+def update_sql(st: SiteTable, columns: Sequence[int], packed: bool = False) -> sql.Composed:
     """UPDATE t SET cols FROM unnest(old key…, new values…) WHERE t.key = old key."""
     keys = _aliases("k", len(st.key))
     vals = _aliases("c", len(columns))
@@ -102,17 +109,17 @@ def update_sql(st: SiteTable, columns: Sequence[int]) -> sql.Composed:
             sql.SQL("{c} = v.{a}::{ty}").format(c=st.col(i), a=a, ty=st.typ(i))
             for a, i in zip(vals, columns, strict=True)
         ),
-        params=_params(len(keys) + len(vals)),
+        params=_params(len(keys) + len(vals), packed),
         aliases=sql.SQL(", ").join(keys + vals),
         where=_key_match(st, keys),
     )
 
 
-def delete_sql(st: SiteTable) -> sql.Composed:
+def delete_sql(st: SiteTable, packed: bool = False) -> sql.Composed:
     """DELETE FROM t USING unnest(keys…) WHERE t.key = key."""
     keys = _aliases("k", len(st.key))
     return sql.SQL("DELETE FROM {t} AS t USING unnest({params}) AS v({aliases}) WHERE {where}").format(
-        t=st.ident, params=_params(len(keys)), aliases=sql.SQL(", ").join(keys),
+        t=st.ident, params=_params(len(keys), packed), aliases=sql.SQL(", ").join(keys),
         where=_key_match(st, keys),
     )
 

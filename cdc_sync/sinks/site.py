@@ -40,7 +40,7 @@ from ..protocol import (
     ReplicaIdentity,
 )
 from . import _sql
-from ._arrays import columns, text_array
+from ._arrays import pack_columns
 from ._plan import Run, by_table, plan_runs, sent_columns
 from ._rows import describe_change, key_dict
 from ._sql import SiteTable
@@ -64,9 +64,11 @@ TOMBSTONE_PURGE_INTERVAL = 60.0
 
 
 def is_data_error(exc: BaseException) -> bool:
-    """A rejection of the data itself, as opposed to a lost connection or a server failure."""
+    """A rejection of the data itself, as opposed to a lost connection, a server failure or a
+    lock conflict (lock timeout, deadlock), which are transient: the caller retries."""
     return isinstance(exc, psycopg.Error) and not isinstance(
-        exc, (psycopg.OperationalError, psycopg.InterfaceError))
+        exc, (psycopg.OperationalError, psycopg.InterfaceError,
+              psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected))
 
 
 def connect_site(dsn: str, *, application_name: str = "cdc_sync") -> psycopg.Connection[Any]:
@@ -194,6 +196,21 @@ class SiteWriter:
         except psycopg.OperationalError:
             pass
 
+    def savepoint(self, name: str) -> None:
+        """A named savepoint in the open transaction (a streamed subtransaction starts)."""
+        self.conn.execute(sql.SQL("SAVEPOINT {}").format(sql.Identifier(name)))
+        self._dirty = True  # chunks after it need their own savepoint, never a full rollback
+
+    def rollback_to(self, name: str) -> None:
+        """Undo everything since `savepoint(name)` (a streamed subtransaction rolled back)."""
+        self.conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(sql.Identifier(name)))
+
+    def set_lock_timeout(self, milliseconds: int) -> None:
+        """Session lock_timeout (0: wait forever); only between target transactions."""
+        assert not self._in_tx
+        self.conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{milliseconds}ms",))
+        self.conn.commit()
+
     # -- apply ----------------------------------------------------------------------------
     def apply(self, changes: Sequence[Change], begin: TxBegin | None = None) -> int:
         """Apply one chunk of one source transaction; return the changes written."""
@@ -231,25 +248,34 @@ class SiteWriter:
         rejected: list[tuple[Change, SiteError]] = []
         if len(segments) > 1 and self._replica_role:
             changes = by_table(changes)
+        # Runs of changes to one table are the rule: look the table up once per run of it.
+        last_table: Table | None = None
+        take = False
         for ch in changes:
-            if ch.op is Op.MESSAGE:
+            op = ch.op
+            if op is Op.MESSAGE:
                 continue
-            if ch.op is Op.TRUNCATE:
+            if op is Op.TRUNCATE:
                 wanted.append(ch)
+                last_table = None
                 continue
-            assert ch.table is not None
-            try:
-                st = self.site_table(ch.table)
-            except SiteError as exc:
-                rejected.append((ch, exc))
-                continue
-            if st is None:
-                continue
-            if st.key:
-                keys[st.table.oid] = st.key
-                if st.upsert and self.opts.resolver_for(st.table.qualified) is None:
-                    compact.add(st.table.oid)
-            wanted.append(ch)
+            table = ch.table
+            if table is not last_table:
+                assert table is not None
+                last_table = table
+                try:
+                    st = self.site_table(table)
+                except SiteError as exc:
+                    rejected.append((ch, exc))
+                    last_table = None  # each change of it is rejected on its own
+                    continue
+                take = st is not None
+                if st is not None and st.key:
+                    keys[st.table.oid] = st.key
+                    if st.upsert and self.opts.resolver_for(st.table.qualified) is None:
+                        compact.add(st.table.oid)
+            if take:
+                wanted.append(ch)
         runs = list(plan_runs(wanted, keys, compact=compact))
         n = 0
         # Runs that need no result back are sent in pipeline mode: one round trip for the
@@ -304,19 +330,29 @@ class SiteWriter:
         return bool(st is not None and st.key and st.upsert
                     and self.opts.resolver_for(st.table.qualified) is not None)
 
-    def _query(self, st: SiteTable, kind: str, cols: Sequence[int]) -> str:
+    def _query(self, st: SiteTable, kind: str, cols: Sequence[int], packed: bool) -> str:
         """The statement text for a run, composed once per table shape and cached."""
-        key = (st.table.oid, st.table.columns, st.types, st.key, st.upsert, kind, tuple(cols))
+        key = (st.table.oid, st.table.columns, st.types, st.key, st.upsert, kind, tuple(cols),
+               packed)
         q = self._queries.get(key)
         if q is None:
             if kind == "insert":
-                composed = _sql.insert_sql(st, cols, st.upsert)
+                composed = _sql.insert_sql(st, cols, st.upsert, packed)
             elif kind == "update":
-                composed = _sql.update_sql(st, cols)
+                composed = _sql.update_sql(st, cols, packed)
             else:
-                composed = _sql.delete_sql(st)
+                composed = _sql.delete_sql(st, packed)
             q = self._queries[key] = composed.as_string(self.conn)
         return q
+
+    def _execute_columns(self, cur: psycopg.Cursor[Any], st: SiteTable, kind: str,
+                         cols: Sequence[int], columns: list[list[Any]]) -> None:
+        """Run the `kind` statement over column value lists: packed when possible."""
+        packed = pack_columns(columns)
+        if packed is not None:
+            cur.execute(self._query(st, kind, cols, True), packed)
+        else:
+            cur.execute(self._query(st, kind, cols, False), columns)
 
     def _apply_isolated(self, cur: psycopg.Cursor[Any], run: Run, begin: TxBegin | None) -> int:
         """Apply `run` in a savepoint; on a data error bisect it down to the bad change."""
@@ -351,7 +387,9 @@ class SiteWriter:
             "lsn, commit_ts, error, sqlstate) VALUES (%s, %s, %s, %s, %s, %s, %s::pg_lsn, %s, %s, %s)",
             (self.source, info["table"], ch.op.value, Jsonb(info["key"]),
              Jsonb(info["row"]), Jsonb(info["old"]),
-             str(begin.commit_lsn) if begin else None, begin.commit_ts if begin else None,
+             # A transaction still streaming has no commit position or time yet.
+             str(begin.commit_lsn) if begin and begin.commit_lsn else None,
+             begin.commit_ts if begin and begin.commit_lsn else None,
              error, sqlstate),
         )
         self.dead_letters += 1
@@ -398,16 +436,19 @@ class SiteWriter:
         changes = run.changes
         if run.op is Op.INSERT:
             cols = range(len(st.table.columns))
-            arrays = [text_array([c.new[i] for c in changes]) for i in cols]  # type: ignore[index]
-            cur.execute(self._query(st, "insert", cols), arrays)
+            news = [c.new for c in changes]
+            self._execute_columns(cur, st, "insert", cols,
+                                  [[n[i] for n in news] for i in cols])  # type: ignore[index]
         elif run.op is Op.UPDATE:
-            key_arrays = [
-                text_array([(c.old if c.old is not None else c.new)[i] for c in changes])  # type: ignore[index]
-                for i in st.key
-            ]
-            val_arrays = [text_array([c.new[i] for c in changes]) for i in run.columns]  # type: ignore[index]
+            news = [c.new for c in changes]
+            if any(c.old is not None for c in changes):
+                olds = [c.old if c.old is not None else c.new for c in changes]
+            else:
+                olds = news
+            columns = [[o[i] for o in olds] for i in st.key]  # type: ignore[index]
+            columns += [[n[i] for n in news] for i in run.columns]  # type: ignore[index]
             ucur = self.conn.cursor() if self._deferred is not None else cur
-            ucur.execute(self._query(st, "update", run.columns), key_arrays + val_arrays)
+            self._execute_columns(ucur, st, "update", run.columns, columns)
 
             def check() -> None:
                 # An update that found no row: the site lacks it (see _write_missing).
@@ -421,22 +462,23 @@ class SiteWriter:
             else:
                 check()
         elif run.op is Op.DELETE:
-            key_arrays = [text_array([c.old[i] for c in changes]) for i in st.key]  # type: ignore[index]
-            cur.execute(self._query(st, "delete", ()), key_arrays)
+            olds = [c.old for c in changes]
+            self._execute_columns(cur, st, "delete", (),
+                                  [[o[i] for o in olds] for i in st.key])  # type: ignore[index]
         return len(changes)
 
     def _write_missing(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
                        begin: TxBegin | None) -> None:
         """Updates that found no row: insert the row when it was sent whole (source wins)."""
         new_keys = [tuple(c.new[i] for i in st.key) for c in run.changes]  # type: ignore[index]
-        cur.execute(_sql.existing_keys_sql(st), columns(new_keys))
+        cur.execute(_sql.existing_keys_sql(st), [list(c) for c in zip(*new_keys, strict=True)])
         present = {tuple(r) for r in cur.fetchall()}
         missing = [c for c, k in zip(run.changes, new_keys, strict=True) if k not in present]
         whole = [c for c in missing if UNCHANGED_TOAST not in c.new]  # type: ignore[operator]
         if whole:
             cols = range(len(st.table.columns))
             cur.execute(_sql.insert_sql(st, cols, st.upsert),
-                        [text_array([c.new[i] for c in whole]) for i in cols])  # type: ignore[index]
+                        [[c.new[i] for c in whole] for i in cols])  # type: ignore[index]
         for c in missing:
             self.log_conflict(cur, st, c, begin, "update_missing", None,
                               "source_wins", "incoming_wins" if c in whole else "local_wins")
@@ -463,8 +505,7 @@ class SiteWriter:
             if ch.op is Op.INSERT:
                 assert ch.new is not None
                 every = range(len(st.table.columns))
-                cur.execute(_sql.insert_sql(st, every, False),
-                            [text_array([ch.new[i]]) for i in every])
+                cur.execute(_sql.insert_sql(st, every, False), [[ch.new[i]] for i in every])
                 continue
             assert ch.old is not None
             match = sent_columns(ch.old)

@@ -15,6 +15,17 @@ Contract:
   minimum over all workers to the source.
 - When a site connection fails, the worker reconnects with backoff, then calls `on_rewind` and
   ignores items until the next `Reset`: the pipeline restarts the stream from the slot.
+- A transaction the source streams while in progress (`TxStreamChanges`) is applied as it
+  arrives, in its own target transaction on a second site connection (one per open streamed
+  transaction, each tagged with its own replication origin), and committed with the site's
+  progress at `TxStreamCommit`, in source commit order: everything received before it is
+  committed first. Before each streamed chunk the main target transaction is committed, so
+  the rows the chunk touches were released by earlier transactions, as they were at the
+  source. A subtransaction's changes get a savepoint, rolled back by its `TxStreamAbort`.
+  While streamed transactions are open, every connection of the site waits at most
+  `STREAM_LOCK_TIMEOUT_MS` for a lock: a wait on a lock that one of our own connections holds
+  could never end, so it fails instead, and the worker asks for a replay without streaming
+  (`on_rewind` with `stream_conflict` set).
 """
 
 from __future__ import annotations
@@ -25,15 +36,26 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Final
 
 import psycopg
 
-from ..changes import DEFAULT_CHUNK_SIZE, Change, Table, TxBegin, TxChanges, TxCommit, TxItem
+from ..changes import (
+    DEFAULT_CHUNK_SIZE,
+    Change,
+    Table,
+    TxBegin,
+    TxChanges,
+    TxCommit,
+    TxItem,
+    TxStreamAbort,
+    TxStreamChanges,
+    TxStreamCommit,
+)
 from ..errors import CdcSyncError, mask_dsn
-from ..protocol import Lsn
+from ..protocol import INVALID_LSN, Lsn
 from .site import SiteOptions, SiteWriter, connect_site
 
 log = logging.getLogger(__name__)
@@ -44,6 +66,8 @@ DEFAULT_GROUP_MAX_SECONDS: Final = 0.5
 FLUSH_CHANGES: Final = DEFAULT_CHUNK_SIZE
 BACKOFF_INITIAL: Final = 0.5
 BACKOFF_MAX: Final = 15.0
+STREAM_LOCK_TIMEOUT_MS: Final = 5000
+SPARE_STREAM_WRITERS: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +83,26 @@ class Reset:
 
 class _Stop:
     pass
+
+
+@dataclass
+class _StreamWriter:
+    """A site connection for streamed transactions; `index` picks its replication origin."""
+
+    writer: SiteWriter
+    index: int
+
+
+@dataclass
+class _OpenStream:
+    """A streamed transaction being applied: its connection, the pseudo Begin its changes are
+    applied under (no commit position or time yet), the subtransactions with a savepoint."""
+
+    conn: _StreamWriter
+    begin: TxBegin
+    savepoints: list[int] = field(default_factory=list)
+    changes: int = 0
+    started: float = 0.0
 
 
 RESET: Final = Reset()
@@ -112,6 +156,9 @@ class SiteWorker(threading.Thread):
         self._missed = False  # an item was refused: the stream must be replayed for us
         self._stopping = threading.Event()
         self.ready = threading.Event()
+        self.stream_conflict = False  # a lock wait between our own connections: no streaming
+        self._streams: dict[int, _OpenStream] = {}
+        self._spare: list[_StreamWriter] = []
 
     # -- producer side --------------------------------------------------------------------
     @property
@@ -131,6 +178,11 @@ class SiteWorker(threading.Thread):
 
     def idle(self) -> bool:
         return self.queue.empty()
+
+    @property
+    def open_streams(self) -> int:
+        """Streamed source transactions being applied here, not yet committed or aborted."""
+        return len(self._streams)
 
     def detach(self) -> None:
         """Stop taking items: the site is too slow. It catches up later from the slot."""
@@ -190,11 +242,19 @@ class SiteWorker(threading.Thread):
                 self._loop(writer)
                 if self._stopping.is_set():
                     break
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+                # (before OperationalError, their base class)
+                if self._streams:
+                    # Probably waiting on one of our own streamed transactions: replay the
+                    # stream without streaming (see the module docstring).
+                    self.stream_conflict = True
+                self._down(f"lock conflict: {exc}")
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self._down(f"connection lost: {exc}")
             except (psycopg.Error, CdcSyncError) as exc:
                 self._down(f"apply failed: {exc}")
             finally:
+                self._close_streams()
                 try:
                     writer.conn.close()
                 except Exception:
@@ -220,6 +280,97 @@ class SiteWorker(threading.Thread):
         except queue.Empty:
             pass
 
+    # -- streamed transactions ---------------------------------------------------------------
+    def _stream_writer(self) -> _StreamWriter:
+        if self._spare:
+            return self._spare.pop()
+        used = {s.conn.index for s in self._streams.values()}
+        index = next(i for i in range(1, len(used) + 2) if i not in used)
+        opts = self.options
+        if opts.origin:
+            opts = replace(opts, origin=f"{opts.origin}#{index}")
+        conn = connect_site(self.dsn, application_name=f"cdc_sync:{self.source}:stream")
+        try:
+            sw = _StreamWriter(SiteWriter(conn, self.source, options=opts), index)
+            sw.writer.set_lock_timeout(STREAM_LOCK_TIMEOUT_MS)
+        except BaseException:
+            conn.close()
+            raise
+        return sw
+
+    def _release(self, sw: _StreamWriter) -> None:
+        sw.writer.rollback()
+        if len(self._spare) < SPARE_STREAM_WRITERS:
+            self._spare.append(sw)
+        else:
+            _close_quietly(sw.writer)
+
+    def _abandon_streams(self) -> None:
+        """Roll back every open streamed transaction (the stream restarts or stops)."""
+        streams, self._streams = self._streams, {}
+        for st in streams.values():
+            try:
+                self._release(st.conn)
+            except psycopg.Error:
+                _close_quietly(st.conn.writer)
+
+    def _close_streams(self) -> None:
+        streams, self._streams = self._streams, {}
+        spare, self._spare = self._spare, []
+        for sw in [st.conn for st in streams.values()] + spare:
+            _close_quietly(sw.writer)
+
+    def _stream_changes(self, main: SiteWriter, item: TxStreamChanges) -> None:
+        st = self._streams.get(item.xid)
+        if st is None:
+            if not self._streams:
+                main.set_lock_timeout(STREAM_LOCK_TIMEOUT_MS)
+            sw = self._stream_writer()
+            st = _OpenStream(sw, TxBegin(item.xid, INVALID_LSN, datetime.now(UTC), None),
+                             started=time.monotonic())
+            self._streams[item.xid] = st
+            sw.writer.begin()
+        w = st.conn.writer
+        if item.subxid != item.xid and item.subxid not in st.savepoints:
+            w.savepoint(f"cdc_sub_{item.subxid}")
+            st.savepoints.append(item.subxid)
+        before = w.dead_letters, w.conflicts
+        st.changes += w.apply(item.changes, st.begin)
+        self.dead_letters += w.dead_letters - before[0]
+        self.conflicts += w.conflicts - before[1]
+
+    def _stream_abort(self, main: SiteWriter, item: TxStreamAbort) -> None:
+        st = self._streams.get(item.xid)
+        if st is None:
+            return
+        if item.subxid == item.xid:
+            del self._streams[item.xid]
+            self._release(st.conn)
+            if not self._streams:
+                main.set_lock_timeout(0)
+        elif item.subxid in st.savepoints:
+            at = st.savepoints.index(item.subxid)
+            st.conn.writer.rollback_to(f"cdc_sub_{item.subxid}")
+            del st.savepoints[at:]
+
+    def _stream_commit(self, main: SiteWriter, item: TxStreamCommit, accepted: Lsn) -> bool:
+        """Commit a streamed transaction (main must be idle); False if it was already applied."""
+        st = self._streams.pop(item.xid, None)
+        if st is None:
+            return False
+        applied = False
+        if item.commit_lsn >= accepted:
+            st.conn.writer.commit(item.end_lsn, item.commit_ts)
+            self.durable_lsn = item.end_lsn
+            self.last_commit_ts = item.commit_ts
+            self.on_applied(self, st.changes, time.monotonic() - st.started)
+            self.applied_changes += st.changes
+            applied = True
+        self._release(st.conn)
+        if not self._streams:
+            main.set_lock_timeout(0)
+        return applied
+
     def _sleep(self, seconds: float) -> None:
         self._stopping.wait(seconds * (0.5 + random.random() / 2))
 
@@ -240,8 +391,10 @@ class SiteWorker(threading.Thread):
         def flush() -> None:
             nonlocal buffer, buffered, target_changes
             if buffer:
+                before = writer.dead_letters, writer.conflicts
                 target_changes += writer.apply_segments(buffer)
-                self.dead_letters, self.conflicts = writer.dead_letters, writer.conflicts
+                self.dead_letters += writer.dead_letters - before[0]
+                self.conflicts += writer.conflicts - before[1]
                 buffer, buffered = [], 0
 
         def drop_buffer() -> None:
@@ -270,6 +423,7 @@ class SiteWorker(threading.Thread):
                     commit_target()
                 drop_buffer()
                 writer.rollback()
+                self._abandon_streams()
                 self._detached = False
                 self._drain()
                 in_src_tx = skipping = False
@@ -298,10 +452,12 @@ class SiteWorker(threading.Thread):
                     commit_target()
                 drop_buffer()
                 writer.rollback()
+                self._abandon_streams()
                 return
             if isinstance(item, Reset):
                 drop_buffer()
                 writer.rollback()
+                self._abandon_streams()
                 self._awaiting_reset = False
                 in_src_tx = skipping = False
                 pending = pending_keepalive = None
@@ -341,6 +497,21 @@ class SiteWorker(threading.Thread):
                     or time.monotonic() - target_started >= self.group_max_seconds
                 ):
                     commit_target()
+            elif isinstance(item, TxStreamChanges):
+                # Earlier transactions first: their rows must be released before the
+                # streamed one takes them (see the module docstring).
+                if writer.in_transaction:
+                    commit_target()
+                self._stream_changes(writer, item)
+            elif isinstance(item, TxStreamCommit):
+                if writer.in_transaction:
+                    commit_target()
+                if self._stream_commit(writer, item, accepted):
+                    accepted = item.end_lsn
+            elif isinstance(item, TxStreamAbort):
+                if writer.in_transaction and item.subxid == item.xid:
+                    commit_target()
+                self._stream_abort(writer, item)
             elif isinstance(item, Keepalive):
                 if in_src_tx or skipping:
                     continue
@@ -348,3 +519,10 @@ class SiteWorker(threading.Thread):
                     pending_keepalive = item.wal_end
                 elif self.durable_lsn is not None and item.wal_end > self.durable_lsn:
                     self.durable_lsn = item.wal_end
+
+
+def _close_quietly(writer: SiteWriter) -> None:
+    try:
+        writer.conn.close()
+    except Exception:
+        pass

@@ -67,6 +67,18 @@ class SourceMonitor:
             return None
         return int(row[0]) if row and row[0] is not None else None
 
+    def has_replication_origins(self) -> bool:
+        """Whether the source has any replication origin (writes there may carry one). True
+        when it cannot be read: the caller then takes the cautious path."""
+        try:
+            row = self._connection().execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_replication_origin)").fetchone()
+        except psycopg.Error as exc:
+            log.debug("origin check failed: %s", exc)
+            self.close()
+            return True
+        return bool(row and row[0])
+
     def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

@@ -56,11 +56,15 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def replication_connect(dsn: str) -> psycopg.Connection[Any]:
+def replication_connect(dsn: str, *, decoding_work_mem: str | None = None
+                        ) -> psycopg.Connection[Any]:
     """A `replication=database` connection with our session settings; errors are one line."""
+    options = SESSION_OPTIONS
+    if decoding_work_mem:
+        options += f" -c logical_decoding_work_mem={decoding_work_mem}"
     try:
         return psycopg.connect(
-            dsn, replication="database", autocommit=True, options=SESSION_OPTIONS,
+            dsn, replication="database", autocommit=True, options=options,
             connect_timeout=CONNECT_TIMEOUT, application_name="cdc_sync",
         )
     except psycopg.OperationalError as exc:
@@ -81,23 +85,33 @@ def describe_connect_error(dsn: str, exc: BaseException) -> str:
 class ReplicationStream:
     """One START_REPLICATION session (see the module docstring)."""
 
-    def __init__(self, dsn: str, slot: str, publication: str, *, origin_none: bool = False) -> None:
+    def __init__(self, dsn: str, slot: str, publication: str, *, origin_none: bool = False,
+                 streaming: bool = False, decoding_work_mem: str | None = None) -> None:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
         self.origin_none = origin_none
+        self.streaming = streaming
+        self.decoding_work_mem = decoding_work_mem
         self._conn: psycopg.Connection[Any] | None = None
         self.server_version = 0
 
     def open(self, start: Lsn = INVALID_LSN) -> None:
-        conn = replication_connect(self.dsn)
+        """START_REPLICATION. With `streaming` asked and a server of 14 or later, protocol 2
+        with `streaming 'on'` (in-progress transactions are streamed); `streaming` then tells
+        whether this session streams."""
+        conn = replication_connect(self.dsn, decoding_work_mem=(
+            self.decoding_work_mem if self.streaming else None))
         self._conn = conn
         self.server_version = conn.info.server_version
+        self.streaming = self.streaming and self.server_version >= 140000
         options = [
-            "proto_version '1'",
+            "proto_version '2'" if self.streaming else "proto_version '1'",
             f"publication_names {quote_literal(quote_ident(self.publication))}",
             "messages 'true'",
         ]
+        if self.streaming:
+            options.append("streaming 'on'")
         if self.origin_none and self.server_version >= 160000:
             options.append("origin 'none'")
         cmd = (f"START_REPLICATION SLOT {quote_ident(self.slot)} LOGICAL {start} "
@@ -130,14 +144,22 @@ class ReplicationStream:
 
     def read(self, timeout: float) -> list[XLogData | PrimaryKeepalive]:
         """Frames available now, waiting up to `timeout` seconds for the first one."""
+        try:
+            return [decode_copy_data(data) for data in self.read_raw(timeout)]
+        except ProtocolError as exc:
+            raise StreamLost(f"source: malformed replication data: {exc}") from exc
+
+    def read_raw(self, timeout: float) -> list[bytes]:
+        """The CopyData payloads available now (for `decode_copy_data`, or sliced directly on
+        the hot path), waiting up to `timeout` seconds for the first one."""
         pg = self._pgconn()
-        frames: list[XLogData | PrimaryKeepalive] = []
+        frames: list[bytes] = []
         waited = False
         try:
             while len(frames) < MAX_FRAMES_PER_READ:
                 n, data = pg.get_copy_data(1)
                 if n > 0:
-                    frames.append(decode_copy_data(data))
+                    frames.append(bytes(data))
                     continue
                 if n == 0:
                     if frames or waited:
@@ -153,8 +175,6 @@ class ReplicationStream:
                 raise StreamLost(f"source: replication stream ended {' '.join(msg.split())}")
         except psycopg.OperationalError as exc:
             raise StreamLost(f"source: replication connection lost: {exc}") from exc
-        except ProtocolError as exc:
-            raise StreamLost(f"source: malformed replication data: {exc}") from exc
         return frames
 
     def send_status(self, write: Lsn, flush: Lsn, apply: Lsn, *, reply: bool = False) -> None:

@@ -12,10 +12,10 @@ other cases run.
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -230,31 +230,29 @@ class BusySlot:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def busy_slot(fault_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+def busy_slot(fault_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory,
+              databases_on: Callable[[Cluster], AbstractContextManager[Callable[..., str]]],
               ) -> Iterator[BusySlot]:
     """A `cdc-sync run` streaming from its slot, and a second one started on the same slot
     (started first thing in the module: it takes ~35 s to give up)."""
-    tag = secrets.token_hex(4)
-    names = [f"busy_src_{tag}", f"busy_site_{tag}"]
-    source, site = (fault_cluster.create_database(n) for n in names)
-    holder = second = None
-    try:
-        execute(source, GOOD_TABLE)
-        data = settings_dict(with_password(source), [with_password(site)])
-        config = write_config(tmp_path_factory.mktemp("busy") / "c.toml", data)
-        commands.init(make_settings(source, [site]))
-        holder = CliProcess(config, tag="holder").start()
-        slot = data["source"]["slot"]
-        wait_for(lambda: bool((slot_row(source, slot) or {}).get("active")), 30,
-                 "the first `cdc-sync run` to hold the slot")
-        second = CliProcess(config, tag="second").start()
-        yield BusySlot(slot, holder, second, time.time())
-    finally:
-        for proc in (second, holder):
-            if proc is not None:
-                proc.kill()
-        for name in reversed(names):
-            fault_cluster.drop_database(name)
+    with databases_on(fault_cluster) as new_db:
+        source, site = new_db("busy_src"), new_db("busy_site")
+        holder = second = None
+        try:
+            execute(source, GOOD_TABLE)
+            data = settings_dict(with_password(source), [with_password(site)])
+            config = write_config(tmp_path_factory.mktemp("busy") / "c.toml", data)
+            commands.init(make_settings(source, [site]))
+            holder = CliProcess(config, tag="holder").start()
+            slot = data["source"]["slot"]
+            wait_for(lambda: bool((slot_row(source, slot) or {}).get("active")), 30,
+                     "the first `cdc-sync run` to hold the slot")
+            second = CliProcess(config, tag="second").start()
+            yield BusySlot(slot, holder, second, time.time())
+        finally:
+            for proc in (second, holder):
+                if proc is not None:
+                    proc.kill()
 
 
 def test_slot_in_use_by_another_process(busy_slot: BusySlot) -> None:
