@@ -25,22 +25,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import psycopg
 import typer
 from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.text import Text
 from typer.exceptions import TyperException
 
@@ -49,6 +38,9 @@ from .config import Settings, load_settings
 from .errors import CdcSyncError, mask_dsn
 from .logs import setup_logging
 from .protocol import ProtocolError
+
+if TYPE_CHECKING:  # rich's progress bars and live views are imported by what shows them
+    from rich.progress import ProgressColumn, TaskID
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PostgreSQL change-data-capture: one source, many sites, exactly once.")
@@ -170,25 +162,31 @@ def main_options(
 
 # -- init --------------------------------------------------------------------------------------
 
-class _RateColumn(ProgressColumn):
-    """Rows copied and rows per second."""
+def _rate_column() -> ProgressColumn:
+    """A column of rows copied and rows per second."""
+    from rich.progress import ProgressColumn, Task
 
-    def render(self, task: Task) -> Text:
-        speed = task.speed
-        if task.finished or not task.started or speed is None:
-            elapsed = task.elapsed
-            speed = task.completed / elapsed if elapsed else None
-        rate = f"{speed:,.0f} rows/s" if speed else "… rows/s"
-        return Text(f"{int(task.completed):,} rows  {rate}")
+    class _RateColumn(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.speed
+            if task.finished or not task.started or speed is None:
+                elapsed = task.elapsed
+                speed = task.completed / elapsed if elapsed else None
+            rate = f"{speed:,.0f} rows/s" if speed else "… rows/s"
+            return Text(f"{int(task.completed):,} rows  {rate}")
+
+    return _RateColumn()
 
 
 class _CopyProgress:
     """One Rich progress bar per (site, table) while `init` copies the snapshot."""
 
     def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         self.progress = Progress(SpinnerColumn(finished_text="✓"),
                                  TextColumn("{task.description}"), BarColumn(),
-                                 _RateColumn(), TimeElapsedColumn(), console=console,
+                                 _rate_column(), TimeElapsedColumn(), console=console,
                                  transient=False)
         self.tasks: dict[tuple[str, str], TaskID] = {}
         self.current: dict[str, TaskID] = {}  # site -> the table it is copying
@@ -346,6 +344,8 @@ def _refresh(settings: Settings, last: RenderableType, interval: float) -> Rende
 
 
 def _watch_live(settings: Settings, first: RenderableType, interval: float) -> None:
+    from rich.live import Live
+
     view = first
     try:
         with Live(view, console=out, auto_refresh=False, transient=False) as screen:

@@ -184,13 +184,12 @@ def _site_has_snapshot(site: SiteSettings, source: str) -> bool:
 
 def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], snapshot: str,
                point: Lsn, on_progress: CopyProgress | None, *,
-               record_progress: bool = True, created: frozenset[str] = frozenset(),
-               migration: Future[None] | None = None) -> int:
+               record_progress: bool = True, migration: Future[None] | None = None) -> int:
     """Copy `tables` into `site` at `snapshot`, all in one site transaction (with the site's
-    progress when `record_progress`). Tables in `created` were created by this `init`: while
-    still empty, their primary key is built after their rows are in. The site's schema
-    `migration`, if still running, is waited for before that transaction commits (a failed
-    one fails the copy)."""
+    progress when `record_progress`). A table still empty (created by this `init` or not)
+    gets its indexes built after its rows are in, where `copy_table` can do that. The site's
+    schema `migration`, if still running, is waited for before that transaction commits (a
+    failed one fails the copy)."""
     total = 0
     with connect_source(settings.source.dsn, autocommit=False) as src, \
             connect_site_checked(site) as dst:
@@ -209,7 +208,7 @@ def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], s
                     on_progress(site.name, _t, n)
 
             total += copy_table(src, dst, t, merge=merge, on_rows=rows_cb,
-                                defer_key=not merge and t.qualified in created)
+                                defer_indexes=not merge)
         if migration is not None:
             migration.result()
         if record_progress:
@@ -351,12 +350,10 @@ def _copy_sites(settings: Settings, tables: list[TableDef], slot: dict[str, Any]
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(needing)))) as pool:
             futures = {s.name: pool.submit(
                 _copy_site, settings, s, tables, snapshot, point, on_progress,
-                created=frozenset(report.created_tables.get(s.name, [])),
                 migration=migrations[s.name]) for s in needing}
             futures.update({
                 name: pool.submit(_copy_site, settings, settings.site(name), only, snapshot,
                                   point, on_progress, record_progress=False,
-                                  created=frozenset(t.qualified for t in only),
                                   migration=migrations[name])
                 for name, only in new_tables.items()})
             for site_name, fut in futures.items():

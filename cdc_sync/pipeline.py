@@ -23,12 +23,12 @@ Contract:
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from .backoff import backoff_delay
 from .changes import (
     DEFAULT_CHUNK_SIZE,
     Assembler,
@@ -141,7 +141,7 @@ class Pipeline:
             w.start()
         for w in self.workers:
             w.ready.wait(timeout=15)
-        backoff = RECONNECT_INITIAL
+        failures = 0
         busy_since: float | None = None
         try:
             while not self._stop.is_set():
@@ -163,7 +163,7 @@ class Pipeline:
                     # settled before the first item of this one.
                     self._reset_sinks()
                     self.connected, self.last_error, busy_since = True, None, None
-                    backoff = RECONNECT_INITIAL
+                    failures = 0
                     in_tx = self._stream(stream)
                     if self._stop.is_set():
                         self._shutdown(stream, in_tx)
@@ -180,8 +180,9 @@ class Pipeline:
                 if self._stop.is_set():
                     break
                 if not self._rewind.is_set():
-                    self._stop.wait(backoff * (0.5 + random.random() / 2))
-                    backoff = min(backoff * 2, RECONNECT_MAX)
+                    failures += 1
+                    self._stop.wait(backoff_delay(failures, RECONNECT_INITIAL, RECONNECT_MAX,
+                                                  jitter="equal"))
         finally:
             self._stop_workers()
             self._final_confirm()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from itertools import chain
+from operator import countOf, itemgetter
 
 from ..changes import UNCHANGED_TOAST, Change, Op, Table
 from ..protocol import TupleData
@@ -143,6 +144,12 @@ def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]], *,
         yield Run(cur_op or Op.MESSAGE, cur_table, tuple(current), cur_cols)
 
 
+_OP = itemgetter(0)  # Change fields, by position (Change is a NamedTuple)
+_TABLE = itemgetter(2)
+_NEW = itemgetter(3)
+_OLD = itemgetter(4)
+
+
 def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Run | None:
     """The whole chunk as one run, when that is plain to see (the common case of a big
     transaction): one op on one keyed table, distinct keys, whole rows, no key changes. None
@@ -154,23 +161,27 @@ def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> 
     if table is None or op is Op.TRUNCATE or op is Op.MESSAGE:
         return None
     key = keys.get(table.oid)
-    if key is None or not all(ch.op is op and ch.table is table for ch in changes):
+    n = len(changes)
+    # Whole-chunk checks in C (map/itemgetter, list.count) instead of per-change Python loops;
+    # tables compared by identity, as the general planner does.
+    if key is None or list(map(_OP, changes)).count(op) != n \
+            or list(map(id, map(_TABLE, changes))).count(id(table)) != n:
         return None
     cols: tuple[int, ...] = ()
     if op is Op.DELETE:
-        rows = [ch.old for ch in changes]
+        rows = list(map(_OLD, changes))
     else:
-        rows = [ch.new for ch in changes]
+        rows = list(map(_NEW, changes))
         if op is Op.UPDATE:
-            if any(ch.old is not None for ch in changes) or any(
-                    UNCHANGED_TOAST in r for r in rows):  # type: ignore[operator]
+            if list(map(_OLD, changes)).count(None) != n \
+                    or countOf(chain.from_iterable(rows), UNCHANGED_TOAST):
                 return None
             cols = _all_columns(table)
     if len(key) == 1:
-        distinct = len(set(map(itemgetter(key[0]), rows)))  # type: ignore[arg-type]
+        distinct = len(set(map(itemgetter(key[0]), rows)))
     else:
-        distinct = len(set(map(itemgetter(*key), rows)))  # type: ignore[arg-type]
-    if distinct != len(rows):
+        distinct = len(set(map(itemgetter(*key), rows)))
+    if distinct != n:
         return None
     return Run(op, table, tuple(changes), cols)
 

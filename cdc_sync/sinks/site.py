@@ -20,10 +20,12 @@ Contract:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -248,6 +250,22 @@ class SiteWriter:
         rejected: list[tuple[Change, SiteError]] = []
         if len(segments) > 1 and self._replica_role:
             changes = by_table(changes)
+        n_changes = len(changes)
+        if n_changes and changes[0].table is not None and \
+                list(map(id, map(_TABLE, changes))).count(id(changes[0].table)) == n_changes:
+            # One table, row changes only (the rule for big transactions): one lookup.
+            try:
+                st0 = self.site_table(changes[0].table)
+            except SiteError as exc:
+                st0 = None
+                rejected = [(ch, exc) for ch in changes]
+            if st0 is not None:
+                if st0.key:
+                    keys[st0.table.oid] = st0.key
+                    if st0.upsert and self.opts.resolver_for(st0.table.qualified) is None:
+                        compact.add(st0.table.oid)
+                wanted = list(changes)
+            changes = ()
         # Runs of changes to one table are the rule: look the table up once per run of it.
         last_table: Table | None = None
         take = False
@@ -346,9 +364,9 @@ class SiteWriter:
         return q
 
     def _execute_columns(self, cur: psycopg.Cursor[Any], st: SiteTable, kind: str,
-                         cols: Sequence[int], columns: list[list[Any]]) -> None:
-        """Run the `kind` statement over column value lists: packed when possible."""
-        packed = pack_columns(columns)
+                         cols: Sequence[int], params: _Params) -> None:
+        """Run the `kind` statement over a run's column parameters: packed when possible."""
+        packed, columns = params
         if packed is not None:
             cur.execute(self._query(st, kind, cols, True), packed)
         else:
@@ -436,19 +454,11 @@ class SiteWriter:
         changes = run.changes
         if run.op is Op.INSERT:
             cols = range(len(st.table.columns))
-            news = [c.new for c in changes]
-            self._execute_columns(cur, st, "insert", cols,
-                                  [[n[i] for n in news] for i in cols])  # type: ignore[index]
+            self._execute_columns(cur, st, "insert", cols, run_params(changes, (), tuple(cols)))
         elif run.op is Op.UPDATE:
-            news = [c.new for c in changes]
-            if any(c.old is not None for c in changes):
-                olds = [c.old if c.old is not None else c.new for c in changes]
-            else:
-                olds = news
-            columns = [[o[i] for o in olds] for i in st.key]  # type: ignore[index]
-            columns += [[n[i] for n in news] for i in run.columns]  # type: ignore[index]
             ucur = self.conn.cursor() if self._deferred is not None else cur
-            self._execute_columns(ucur, st, "update", run.columns, columns)
+            self._execute_columns(ucur, st, "update", run.columns,
+                                  run_params(changes, st.key, run.columns))
 
             def check() -> None:
                 # An update that found no row: the site lacks it (see _write_missing).
@@ -462,9 +472,7 @@ class SiteWriter:
             else:
                 check()
         elif run.op is Op.DELETE:
-            olds = [c.old for c in changes]
-            self._execute_columns(cur, st, "delete", (),
-                                  [[o[i] for o in olds] for i in st.key])  # type: ignore[index]
+            self._execute_columns(cur, st, "delete", (), run_params(changes, st.key, ()))
         return len(changes)
 
     def _write_missing(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
@@ -588,6 +596,47 @@ class SiteWriter:
                     key, upsert = idx, True
                     break
         return SiteTable(table, tuple(types), key, upsert)
+
+
+_Params = tuple[list[str] | None, list[list[Any]]]
+_NEW = itemgetter(3)  # Change fields, by position (Change is a NamedTuple)
+_OLD = itemgetter(4)
+_TABLE = itemgetter(2)
+# Runs' parameters, shared by the site workers: every site gets the same chunk objects
+# (decode once, fan out), so the columns are built and packed once per run, not per site.
+# Keyed by the run's changes tuple (identity, checked), its key and its value columns.
+_SHARED_PARAMS: dict[tuple[int, tuple[int, ...], tuple[int, ...]],
+                     tuple[Sequence[Change], _Params]] = {}
+_SHARED_PARAMS_MAX = 8
+_shared_lock = threading.Lock()
+
+
+def run_params(changes: Sequence[Change], key: tuple[int, ...], cols: tuple[int, ...]) -> _Params:
+    """The parameters of a run's statement: for each of `key` (the row's old key, for updates
+    and deletes) and `cols` (new values), the column's values in order; packed if possible.
+
+    Inserts pass no key; deletes no columns. Computed once per run for all sites (above).
+    """
+    cache_key = (id(changes), key, cols)
+    hit = _SHARED_PARAMS.get(cache_key)
+    if hit is not None and hit[0] is changes:
+        return hit[1]
+    columns: list[list[Any]] = []
+    if key:
+        olds = list(map(_OLD, changes))
+        if olds.count(None):  # updates without an old key: the key did not change
+            olds = [c.old if c.old is not None else c.new for c in changes]
+        columns += [list(map(itemgetter(i), olds)) for i in key]
+    if cols:
+        news = list(map(_NEW, changes))
+        columns += [list(map(itemgetter(i), news)) for i in cols]
+    packed = pack_columns(columns)
+    params: _Params = (packed, columns if packed is None else [])
+    with _shared_lock:
+        if len(_SHARED_PARAMS) >= _SHARED_PARAMS_MAX:
+            _SHARED_PARAMS.pop(next(iter(_SHARED_PARAMS)))
+        _SHARED_PARAMS[cache_key] = (changes, params)
+    return params
 
 
 def _is_user_error(exc: BaseException) -> bool:

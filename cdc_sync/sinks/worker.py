@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from typing import Final
 
 import psycopg
 
+from ..backoff import backoff_delay
 from ..changes import (
     DEFAULT_CHUNK_SIZE,
     Change,
@@ -212,15 +212,15 @@ class SiteWorker(threading.Thread):
 
     # -- consumer side --------------------------------------------------------------------
     def run(self) -> None:
-        backoff = BACKOFF_INITIAL
+        failures = 0
         while not self._stopping.is_set():
             try:
                 writer = SiteWriter(connect_site(self.dsn, application_name=f"cdc_sync:{self.source}"),
                                     self.source, options=self.options)
             except psycopg.Error as exc:
                 self._down(f"cannot connect: {exc}")
-                self._sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                failures += 1
+                self._sleep(failures)
                 continue
             try:
                 applied, _snap = writer.read_progress()
@@ -238,7 +238,7 @@ class SiteWorker(threading.Thread):
                 else:
                     self._accepting = True
                 self.ready.set()
-                backoff = BACKOFF_INITIAL
+                failures = 0
                 self._loop(writer)
                 if self._stopping.is_set():
                     break
@@ -259,8 +259,8 @@ class SiteWorker(threading.Thread):
                     writer.conn.close()
                 except Exception:
                     pass
-            self._sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            failures += 1
+            self._sleep(failures)
         self.connected = False
 
     def _down(self, reason: str) -> None:
@@ -371,8 +371,8 @@ class SiteWorker(threading.Thread):
             main.set_lock_timeout(0)
         return applied
 
-    def _sleep(self, seconds: float) -> None:
-        self._stopping.wait(seconds * (0.5 + random.random() / 2))
+    def _sleep(self, failures: int) -> None:
+        self._stopping.wait(backoff_delay(failures, BACKOFF_INITIAL, BACKOFF_MAX, jitter="equal"))
 
     def _loop(self, writer: SiteWriter) -> None:
         accepted = self.durable_lsn or Lsn(0)

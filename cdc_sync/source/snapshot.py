@@ -11,9 +11,13 @@ session settings on both ends, so values are reproduced exactly:
 - Text form, except binary form when it reproduces the values as surely: both servers of the
   same major version and every column of one of the built-in types of `BINARY_TYPES` (or an
   array of one), the same type and modifier on both ends. Binary is cheaper to parse.
-- `defer_key`: for a table `init` has just created and that is still empty, its primary key is
-  dropped before the copy and added back after it, in the same transaction (like pg_dump:
-  building an index once is much cheaper than inserting every row into it).
+- `defer_indexes`: a site table that is empty (checked under an ACCESS EXCLUSIVE lock, in the
+  copy's transaction) and whose indexes nothing else depends on has them all dropped before
+  the copy and made again after it from their exact definitions (names, deferrability,
+  options, tablespace), in the same transaction (like pg_dump: building an index once is much
+  cheaper than inserting every row into it). A failure rolls it all back: the table stays as
+  it was. Indexes whose state a definition does not carry (see `_DEFERRABLE_INDEXES`) keep the
+  table on the ordinary path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import select
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -99,14 +104,15 @@ def copy_table(
     *,
     merge: bool,
     on_rows: Callable[[int], None] | None = None,
-    defer_key: bool = False,
+    defer_indexes: bool = False,
 ) -> int:
     """Copy `table` from `src` (in its snapshot) to `dst` (in its open transaction).
 
     With `merge`, rows go through a temporary table and are merged into the rows the site
     already has (see `_merge_sql`); otherwise they are copied straight into the table. With
-    `defer_key` (only for an empty table that `init` created in this run) the site table's
-    primary key is built after the rows are in.
+    `defer_indexes` (and not `merge`: the caller saw the table empty), the site table's
+    indexes are built after the rows are in when `_deferrable_indexes` allows it; the table is
+    then locked and checked empty again first (rows that came meanwhile are merged).
     """
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.copy_columns)
     binary = _binary_ok(src, dst, table)
@@ -115,19 +121,26 @@ def copy_table(
         out_q = sql.SQL("COPY {} ({}) TO STDOUT{}").format(table.ident, cols, fmt)
     else:  # partitioned (rows in the partitions), or with inheritance children
         out_q = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT{}").format(cols, table.ident, fmt)
+    deferred: list[SiteIndex] = []
+    if defer_indexes and not merge:
+        deferred = _deferrable_indexes(dst, table) or []
+        if deferred:
+            dst.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+            empty = dst.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(
+                table.ident)).fetchone()
+            if empty is None or not empty[0]:
+                merge, deferred = True, []
     target: sql.Composable = table.ident
     if merge:
         target = sql.Identifier("_cdc_sync_copy")
         dst.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp._cdc_sync_copy"))
         dst.execute(sql.SQL("CREATE TEMP TABLE _cdc_sync_copy AS SELECT {} FROM {} WITH NO DATA")
                     .format(cols, table.ident))
-    key = _drop_primary_key(dst, table) if defer_key and not merge else None
+    _drop_indexes(dst, table, deferred)
     in_q = sql.SQL("COPY {} ({}) FROM STDIN{}").format(target, cols, fmt)
     with dst.cursor() as wc, wc.copy(in_q) as cin:
         rows = _relay(src, out_q.as_bytes(src), cin.write, on_rows)
-    if key is not None:
-        dst.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-            table.ident, sql.Identifier(key[0]), sql.SQL(key[1])))
+    _create_indexes(dst, table, deferred)
     if merge:
         for statement in _merge_sql(table, cols):
             dst.execute(statement)
@@ -241,20 +254,117 @@ def _binary_ok(src: psycopg.Connection[Any], dst: psycopg.Connection[Any],
                for name, c in wanted.items())
 
 
-def _drop_primary_key(dst: psycopg.Connection[Any], table: TableDef) -> tuple[str, str] | None:
-    """Drop the site table's primary key (in `dst`'s transaction) when nothing depends on it;
-    its (name, definition) to add it back, or None when it stays."""
-    row = dst.execute(
-        "SELECT k.conname, pg_get_constraintdef(k.oid) FROM pg_constraint k "
-        "WHERE k.conrelid = %s::regclass AND k.contype = 'p' AND NOT EXISTS ("
-        "  SELECT 1 FROM pg_depend d WHERE d.refclassid = 'pg_class'::regclass "
-        "  AND d.refobjid = k.conindid AND d.deptype = 'n')",
-        (table.ident.as_string(dst),)).fetchone()
-    if row is None:
+@dataclass(frozen=True)
+class SiteIndex:
+    """An index of a site table, as `_deferrable_indexes` found it."""
+
+    name: str  # the index's, and its constraint's (PostgreSQL keeps them the same)
+    kind: str  # its constraint's contype: "p", "u" or "x"; "" for a plain index
+    index_sql: str  # pg_get_indexdef: the whole CREATE [UNIQUE] INDEX, options included
+    constraint_sql: str  # pg_get_constraintdef (options and tablespace left out), or ""
+    deferrable: bool
+    deferred: bool
+    tablespace: str  # its tablespace, or "" for the database's default
+
+
+# Every index of the table, with whether something keeps it from being dropped and made again
+# from its definition: an object depending on it or on its constraint (a foreign key, a view
+# grouping by the key, an extension, a partitioned parent index...; internal dependencies are
+# parts made with them: the index of a constraint, the trigger checking a deferrable one), or
+# a state the definition does not carry (invalid or not ready, CLUSTER ON, REPLICA IDENTITY
+# USING INDEX, a comment, a security label, a statistics target, options of an EXCLUDE
+# constraint's index). Only an ordinary table, not a partition, that the session's role owns
+# (dropping an index takes ownership).
+_DEFERRABLE_INDEXES = """
+SELECT ic.relname::text, coalesce(k.contype::text, ''), pg_get_indexdef(i.indexrelid),
+       coalesce(pg_get_constraintdef(k.oid), ''),
+       coalesce(k.condeferrable, false), coalesce(k.condeferred, false),
+       coalesce(ts.spcname::text, ''),
+       NOT (c.relkind = 'r' AND NOT c.relispartition AND pg_has_role(c.relowner, 'USAGE'))
+       OR NOT (i.indisvalid AND i.indisready AND i.indislive)
+       OR i.indisclustered OR i.indisreplident
+       OR (k.contype = 'x' AND ic.reloptions IS NOT NULL)
+       OR EXISTS (
+           SELECT 1 FROM pg_depend d
+           WHERE ((d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indexrelid)
+                  OR (d.refclassid = 'pg_constraint'::regclass AND d.refobjid = k.oid))
+             AND d.deptype <> 'i')
+       OR EXISTS (
+           SELECT 1 FROM pg_depend d
+           WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+             AND d.deptype NOT IN ('n', 'a', 'i'))
+       OR EXISTS (
+           SELECT 1 FROM pg_description x
+           WHERE (x.classoid = 'pg_class'::regclass AND x.objoid = i.indexrelid)
+              OR (x.classoid = 'pg_constraint'::regclass AND x.objoid = k.oid))
+       OR EXISTS (
+           SELECT 1 FROM pg_seclabel x
+           WHERE (x.classoid = 'pg_class'::regclass AND x.objoid = i.indexrelid)
+              OR (x.classoid = 'pg_constraint'::regclass AND x.objoid = k.oid))
+       OR EXISTS (
+           SELECT 1 FROM pg_attribute a
+           WHERE a.attrelid = i.indexrelid AND coalesce(a.attstattarget, -1) <> -1)
+FROM pg_class c
+JOIN pg_index i ON i.indrelid = c.oid
+JOIN pg_class ic ON ic.oid = i.indexrelid
+LEFT JOIN pg_constraint k ON k.conindid = i.indexrelid AND k.conrelid = c.oid
+     AND k.contype IN ('p', 'u', 'x')
+LEFT JOIN pg_tablespace ts ON ts.oid = ic.reltablespace
+WHERE c.oid = %s::regclass
+ORDER BY k.contype = 'p' DESC NULLS LAST, k.oid IS NULL, i.indexrelid
+"""
+
+
+def _deferrable_indexes(dst: psycopg.Connection[Any], table: TableDef) -> list[SiteIndex] | None:
+    """The indexes of the site table to drop before its copy and make again after it (the
+    primary key first), or None when it keeps them (see `_DEFERRABLE_INDEXES`)."""
+    rows = dst.execute(_DEFERRABLE_INDEXES, (table.ident.as_string(dst),)).fetchall()
+    if any(row[-1] for row in rows):
         return None
-    dst.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-        table.ident, sql.Identifier(row[0])))
-    return row[0], row[1]
+    return [SiteIndex(*row[:-1]) for row in rows]
+
+
+def _drop_indexes(dst: psycopg.Connection[Any], table: TableDef,
+                  indexes: list[SiteIndex]) -> None:
+    """Drop `indexes` of the site table (in `dst`'s transaction, with the table locked)."""
+    for index in indexes:
+        if index.kind:
+            dst.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                table.ident, sql.Identifier(index.name)))
+        else:
+            dst.execute(sql.SQL("DROP INDEX {}").format(
+                sql.Identifier(table.schema, index.name)))
+
+
+def _create_indexes(dst: psycopg.Connection[Any], table: TableDef,
+                    indexes: list[SiteIndex]) -> None:
+    """Make `indexes` again, each in its tablespace (through default_tablespace: definitions
+    leave it out), then put the session's default_tablespace back.
+
+    pg_get_constraintdef leaves out the options of a constraint's index (WITH (…)): a primary
+    key or unique constraint gets its index made by its CREATE INDEX, then is added `USING
+    INDEX` with its deferrability; an EXCLUDE constraint (only without options, see
+    `_DEFERRABLE_INDEXES`) is added from its definition.
+    """
+    if not indexes:
+        return
+    row = dst.execute("SELECT current_setting('default_tablespace')").fetchone()
+    previous = str(row[0]) if row is not None else ""
+    for index in indexes:
+        dst.execute("SELECT set_config('default_tablespace', %s, true)", (index.tablespace,))
+        name = sql.Identifier(index.name)
+        if index.kind == "x":
+            dst.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                table.ident, name, sql.SQL(index.constraint_sql)))
+            continue
+        dst.execute(sql.SQL(index.index_sql))
+        if index.kind in ("p", "u"):
+            timing = (" DEFERRABLE INITIALLY DEFERRED" if index.deferred
+                      else " DEFERRABLE" if index.deferrable else "")
+            dst.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}{}").format(
+                table.ident, name, sql.SQL("PRIMARY KEY" if index.kind == "p" else "UNIQUE"),
+                name, sql.SQL(timing)))
+    dst.execute("SELECT set_config('default_tablespace', %s, true)", (previous,))
 
 
 def _merge_sql(table: TableDef, cols: sql.Composable) -> list[sql.Composed]:
