@@ -237,7 +237,7 @@ class Assembler:
     # next change position and origin
     _block_xid: int | None = None
     _block_sub: int = 0
-    _block_first: bool = False
+    _unmarked: set[int] = field(default_factory=set)  # streamed xids without a chunk yet
     _stream_pos: dict[int, int] = field(default_factory=dict)
     stream_origins: dict[int, str] = field(default_factory=dict)
 
@@ -263,6 +263,7 @@ class Assembler:
         self._pending = []
         self._pending_bytes = 0
         self._block_xid = None
+        self._unmarked.clear()
         self._stream_pos.clear()
         self.stream_origins.clear()
         self.tables.clear()
@@ -324,6 +325,7 @@ class Assembler:
             out.append(TxCommit(msg.commit_lsn, msg.end_lsn,
                                 pg_timestamp_to_datetime(msg.commit_ts)))
             self._begin = None
+            self._begun = False
             return out
         self._pending.append(self._change(msg))
         self._position += 1
@@ -383,12 +385,15 @@ class Assembler:
                 # A later block of a transaction whose start we never saw cannot be applied.
                 raise ProtocolError(f"Stream Start of transaction {msg.xid} without its "
                                     "first segment", 0)
+            if msg.first_segment:
+                self._unmarked.add(msg.xid)
             self._block_xid, self._block_sub = msg.xid, msg.xid
-            self._block_first = msg.first_segment
             self._pending, self._pending_bytes = [], 0
             return []
         pos = self._stream_pos.pop(msg.xid, None)
         known = pos is not None
+        if not (isinstance(msg, StreamAbort) and msg.subxid != msg.xid):
+            self._unmarked.discard(msg.xid)
         if isinstance(msg, StreamCommit):
             if not known:
                 return []
@@ -439,9 +444,11 @@ class Assembler:
 
     def _stream_chunk(self) -> TxStreamChanges:
         assert self._block_xid is not None
-        chunk = TxStreamChanges(self._block_xid, self._block_sub, tuple(self._pending),
-                                self._block_first)
-        self._block_first = False
+        xid = self._block_xid
+        first = xid in self._unmarked
+        if first:
+            self._unmarked.discard(xid)
+        chunk = TxStreamChanges(xid, self._block_sub, tuple(self._pending), first)
         self._pending, self._pending_bytes = [], 0
         return chunk
 

@@ -382,3 +382,27 @@ def test_lag_watch(invoke: Callable[..., Result], tmp_path: Path, make_db: Calla
     assert result.code == 0, result
     assert "refreshing every 1 s" in screen.getvalue()
     assert "\x1b[" in screen.getvalue()  # cursor movement: redrawn in place
+
+
+def test_init_and_help_leave_the_other_verbs_modules_out(tmp_path: Path) -> None:
+    """`init` off a terminal (no progress bars) and `--help` import none of what only other
+    verbs or views use (the start-up of `cdc-sync init` is part of its wall time)."""
+    import subprocess
+    import sys
+
+    lazy = ("cdc_sync.pipeline", "cdc_sync.connectors", "cdc_sync.metrics", "cdc_sync.events",
+            "cdc_sync.ui", "cdc_sync.demo", "httpx", "rich.progress", "rich.live", "alembic")
+    code = ("import sys\nfrom cdc_sync.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+            "    print('exit', exc.code)\n"
+            f"print(sorted(m for m in {lazy!r} if m in sys.modules))\n")
+    repo = Path(__file__).resolve().parent.parent
+    for argv, status, shown in ((["init", "-c", str(tmp_path / "missing.toml")], 1, ""),
+                                (["init", "--help"], 0, "copy every site"),
+                                (["--help"], 0, "init")):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
+                              text=True, cwd=repo, timeout=120, stdin=subprocess.DEVNULL)
+        assert done.stdout.splitlines()[-2:] == [f"exit {status}", "[]"], (argv, done)
+        assert shown in done.stdout, (argv, done)
+        if status:
+            assert done.stderr.startswith("error: config file not found"), done.stderr

@@ -692,3 +692,53 @@ def test_settings_can_be_built_directly() -> None:
     assert settings.outbox_site.name == "b"
     with pytest.raises(pydantic.ValidationError):
         Settings(source=config.SourceSettings(name="w", dsn="dbname=x"), sites=[])
+
+
+# -- streaming of in-progress transactions ----------------------------------------------------
+
+def test_streaming_defaults_to_on_with_8mb() -> None:
+    source = settings_from_dict(data()).source
+    assert source.streaming is True and config.DEFAULT_STREAMING is True
+    assert source.decoding_work_mem == config.DEFAULT_DECODING_WORK_MEM == "8MB"
+
+
+def test_streaming_can_be_turned_off(write: Callable[[str], Path]) -> None:
+    assert settings_from_dict(data(source={"name": "w", "dsn": "dbname=x", "streaming": False})
+                              ).source.streaming is False
+    text = MINIMAL.replace('dsn = "postgresql://user@host:5432/db"\n',
+                           'dsn = "postgresql://user@host:5432/db"\nstreaming = false\n'
+                           'decoding_work_mem = "64kB"\n', 1)
+    source = load_settings(write(text), environ={}).source
+    assert source.streaming is False and source.decoding_work_mem == "64kB"
+    # As every boolean, it may come from the environment.
+    source = settings_from_dict(data(source={"name": "w", "dsn": "dbname=x",
+                                             "streaming": "${STREAM}"}),
+                                environ={"STREAM": "false"}).source
+    assert source.streaming is False
+    assert dict_error(data(source={"name": "w", "dsn": "dbname=x", "streaming": "maybe"})) \
+        .startswith("<config>: source.streaming: ")
+
+
+@pytest.mark.parametrize("size", ["64kB", "8MB", "1GB", "512kB", "64GB"])
+def test_decoding_work_mem_accepts_sizes(size: str) -> None:
+    source = settings_from_dict(data(source={"name": "w", "dsn": "dbname=x",
+                                             "decoding_work_mem": size})).source
+    assert source.decoding_work_mem == size
+
+
+@pytest.mark.parametrize("size, why", [
+    ("8mb", "expected a size"), ("0MB", "expected a size"), ("32kB", "between 64kB and 64GB"),
+    ("100GB", "between 64kB and 64GB"), ("8", "expected a size"), ("8 MB", "expected a size"),
+    ("", "expected a size"), ("65GB", "between 64kB and 64GB"),
+])
+def test_decoding_work_mem_rejects_bad_sizes(size: str, why: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    message = dict_error(data(source={"name": "w", "dsn": "dbname=x",
+                                      "decoding_work_mem": size}))
+    assert message.startswith("<config>: source.decoding_work_mem: "), message
+    assert why in message
+    text = MINIMAL.replace('dsn = "postgresql://user@host:5432/db"\n',
+                           f'dsn = "postgresql://user@host:5432/db"\ndecoding_work_mem = "{size}"\n',
+                           1)
+    message = error_of(text, tmp_path, monkeypatch)
+    assert message.startswith("cdc-sync.toml: source.decoding_work_mem: "), message

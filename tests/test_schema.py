@@ -455,9 +455,17 @@ def test_light_head_revision_gives_up_on_what_it_cannot_read(
     schema.light_head_revision.cache_clear()
 
 
+# Imported only by the verbs (or the views) that use them, never by `import cdc_sync.cli`.
+LAZY_MODULES = ('alembic', 'sqlalchemy', 'cdc_sync.pipeline', 'cdc_sync.connectors',
+                'cdc_sync.connectors.runner', 'cdc_sync.metrics', 'cdc_sync.events',
+                'cdc_sync.ui', 'cdc_sync.demo', 'cdc_sync.resolve', 'cdc_sync.sinks.worker',
+                'httpx', 'http.server', 'rich.progress', 'rich.live', 'rich.markdown',
+                'typer.rich_utils')
+
+
 def test_cli_import_leaves_alembic_and_the_pipeline_out() -> None:
-    code = ("import sys, cdc_sync.cli; print(sorted(m for m in ('alembic', 'sqlalchemy', "
-            "'cdc_sync.pipeline', 'cdc_sync.connectors.runner', 'httpx') if m in sys.modules))")
+    code = ("import sys, cdc_sync.cli; "
+            f"print(sorted(m for m in {LAZY_MODULES!r} if m in sys.modules))")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=REPO, timeout=120)
     assert probe.returncode == 0, probe.stderr

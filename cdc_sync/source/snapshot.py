@@ -273,8 +273,9 @@ class SiteIndex:
 # parts made with them: the index of a constraint, the trigger checking a deferrable one), or
 # a state the definition does not carry (invalid or not ready, CLUSTER ON, REPLICA IDENTITY
 # USING INDEX, a comment, a security label, a statistics target, options of an EXCLUDE
-# constraint's index). Only an ordinary table, not a partition, that the session's role owns
-# (dropping an index takes ownership).
+# constraint's index), or a tablespace the session's role may no longer create in. Only an
+# ordinary table, not a partition, that the session's role owns (dropping an index takes
+# ownership).
 _DEFERRABLE_INDEXES = """
 SELECT ic.relname::text, coalesce(k.contype::text, ''), pg_get_indexdef(i.indexrelid),
        coalesce(pg_get_constraintdef(k.oid), ''),
@@ -284,6 +285,7 @@ SELECT ic.relname::text, coalesce(k.contype::text, ''), pg_get_indexdef(i.indexr
        OR NOT (i.indisvalid AND i.indisready AND i.indislive)
        OR i.indisclustered OR i.indisreplident
        OR (k.contype = 'x' AND ic.reloptions IS NOT NULL)
+       OR (ic.reltablespace <> 0 AND NOT has_tablespace_privilege(ic.reltablespace, 'CREATE'))
        OR EXISTS (
            SELECT 1 FROM pg_depend d
            WHERE ((d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indexrelid)

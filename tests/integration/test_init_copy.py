@@ -39,7 +39,6 @@ def test_created_tables_get_their_key_after_the_rows_in_the_same_transaction(env
             "INSERT INTO pre SELECT g, g FROM generate_series(1, 100) g")
     site = env.sites[0]
     execute(site, "CREATE TABLE pre (id int PRIMARY KEY, v int)")  # the site's own, empty
-    pre_key = scalar(site, PK_XMIN, ("pre",))
     settings = env.settings(sites=[site])
     report = commands.init(settings)
     assert sorted(report.created_tables["site1"]) == ["public.d", "public.k"]
@@ -52,8 +51,11 @@ def test_created_tables_get_their_key_after_the_rows_in_the_same_transaction(env
             assert conn.execute(PK_DEF, (table,)).fetchone() == source_key
         # The key was added by the transaction that copied the rows (so never missing).
         assert _rows_xmin(site, table) == [scalar(site, PK_XMIN, (table,))]
-    # A table init did not create keeps its key as it was.
-    assert scalar(site, PK_XMIN, ("pre",)) == pre_key
+    # A table init did not create, empty too, gets the same treatment: its key, unchanged, is
+    # made again by the copy's transaction.
+    assert _rows_xmin(site, "pre") == [scalar(site, PK_XMIN, ("pre",))]
+    with connect(site) as conn:
+        assert conn.execute(PK_DEF, ("pre",)).fetchone() == ("pre_pkey", "PRIMARY KEY (id)")
     assert scalar(site, "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
                   "WHERE conrelid = 'd'::regclass") == "PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED"
 
@@ -212,3 +214,141 @@ def test_a_failed_migration_fails_init_and_commits_no_copy(
     report = commands.init(settings)
     assert report.copied == {"site1": 500}
     assert_same_tables(env.source, [site], min_rows=500)
+
+
+# -- a site table made beforehand: indexes built after the rows while it is empty ---------------
+
+INDEX_DEFS = "SELECT indexname::text, indexdef FROM pg_indexes WHERE tablename = %s ORDER BY 1"
+CONSTRAINT_DEFS = ("SELECT conname::text, contype::text, pg_get_constraintdef(oid), condeferrable, "
+                   "condeferred FROM pg_constraint WHERE conrelid = %s::regclass ORDER BY 1")
+# Each index of the table: (name, its pg_class row's xmin, its oid)
+INDEX_ROWS = ("SELECT c.relname::text, c.xmin::text, c.oid::int FROM pg_index i "
+              "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass ORDER BY 1")
+NOT_NULL = ("SELECT attname::text, attnotnull FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 ORDER BY attnum")
+
+
+def _shape(dsn: str, table: str) -> tuple[list[Any], ...]:
+    """What a table's indexes and constraints are, by definition (not by oid)."""
+    with connect(dsn) as conn:
+        return tuple(conn.execute(q, (table,)).fetchall()
+                     for q in (INDEX_DEFS, CONSTRAINT_DEFS, NOT_NULL))
+
+
+def _index_rows(dsn: str, table: str) -> list[tuple[str, str, int]]:
+    with connect(dsn) as conn:
+        return [(r[0], r[1], r[2]) for r in conn.execute(INDEX_ROWS, (table,))]
+
+
+SOURCE_T = ("CREATE TABLE t (id int PRIMARY KEY, code text, grp int, v int)",
+            "INSERT INTO t SELECT g, md5(g::text), g % 7, g FROM generate_series(1, 3000) g")
+SITE_T = (
+    "CREATE TABLE t (id int, code text NOT NULL, grp int, v int, "
+    " CONSTRAINT t_pk PRIMARY KEY (id) WITH (fillfactor = 80), "
+    " CONSTRAINT t_code_key UNIQUE (code) DEFERRABLE INITIALLY DEFERRED, "
+    " CONSTRAINT t_grp_v UNIQUE (grp, v) INCLUDE (code) DEFERRABLE)",
+    "CREATE INDEX t_v_partial ON t (v DESC NULLS LAST) WHERE v > 10",
+    "CREATE INDEX t_lower_code ON t USING hash (lower(code)) WITH (fillfactor = 70)",
+    "CREATE INDEX t_grp ON t (grp)")
+
+
+def test_an_empty_site_table_gets_every_index_made_again_after_the_rows(env: Env) -> None:
+    execute(env.source, *SOURCE_T)
+    site = env.sites[0]
+    execute(site, *SITE_T)
+    before = _shape(site, "t")
+    assert len(before[0]) == 6 and len(before[1]) == 3
+    report = commands.init(env.settings(sites=[site]))
+    assert report.created_tables == {"site1": []}
+    assert report.copied == {"site1": 3000}
+    assert_same_tables(env.source, [site], min_rows=3000)
+    assert _shape(site, "t") == before  # the same definitions, names, options, deferrability
+    # Every index was made again by the transaction that copied the rows.
+    rows_xmin = _rows_xmin(site, "t")
+    assert [xmin for _, xmin, _ in _index_rows(site, "t")] == rows_xmin * 6
+    # The deferrable constraints still work as such.
+    with connect(site, autocommit=False) as conn:
+        conn.execute("UPDATE t SET code = 'x' WHERE id = 1")
+        conn.execute("UPDATE t SET code = md5('1') WHERE id = 1")
+        conn.commit()
+
+
+def test_a_site_table_with_rows_keeps_its_indexes(env: Env) -> None:
+    execute(env.source, *SOURCE_T)
+    site = env.sites[0]
+    execute(site, *SITE_T,
+            "INSERT INTO t SELECT g, md5(g::text), g % 7, g FROM generate_series(1, 10) g")
+    before, indexes = _shape(site, "t"), _index_rows(site, "t")
+    report = commands.init(env.settings(sites=[site]))
+    assert report.copied == {"site1": 3000}
+    assert_same_tables(env.source, [site], min_rows=3000)  # merged with the rows it had
+    assert _shape(site, "t") == before
+    assert _index_rows(site, "t") == indexes  # not made again
+
+
+def test_rows_that_came_before_the_lock_are_merged(env: Env) -> None:
+    """`copy_table` told the table is empty finds rows once it holds the lock: it merges."""
+    execute(env.source, *SOURCE_T)
+    site = env.sites[0]
+    execute(site, *SITE_T,
+            "INSERT INTO t SELECT g, md5(g::text), g % 7, g FROM generate_series(1, 10) g")
+    indexes = _index_rows(site, "t")
+    with connect(env.source) as conn:
+        table = catalog.describe_table(conn, "public", "t")
+    with connect(env.source, autocommit=False) as src, \
+            connect(site, autocommit=False) as dst:
+        assert copy_table(src, dst, table, merge=False, defer_indexes=True) == 3000
+        dst.commit()
+        src.rollback()
+    assert_same_tables(env.source, [site], ["public.t"], min_rows=3000)
+    assert _index_rows(site, "t") == indexes
+
+
+def test_tables_whose_indexes_something_depends_on_keep_them(env: Env) -> None:
+    execute(env.source, *SOURCE_T,
+            "CREATE TABLE p (id int PRIMARY KEY, v int)",
+            "CREATE TABLE g (id int PRIMARY KEY, v int)",
+            "CREATE TABLE c (id int PRIMARY KEY, v int)",
+            "INSERT INTO p SELECT g, g FROM generate_series(1, 500) g",
+            "INSERT INTO g SELECT g, g FROM generate_series(1, 500) g",
+            "INSERT INTO c SELECT g, g FROM generate_series(1, 500) g")
+    site = env.sites[0]
+    execute(site, "CREATE TABLE p (id int PRIMARY KEY, v int)",
+            "CREATE TABLE site_child (id int PRIMARY KEY, p_id int REFERENCES p)",  # a foreign key
+            "CREATE TABLE g (id int PRIMARY KEY, v int)",
+            "CREATE VIEW g_sums AS SELECT id, v, count(*) FROM g GROUP BY id",  # uses g's key
+            "CREATE TABLE c (id int PRIMARY KEY, v int)",
+            "CREATE INDEX c_v ON c (v)", "ALTER TABLE c CLUSTER ON c_v",  # not in a definition
+            *SITE_T,
+            "COMMENT ON INDEX t_grp IS 'a comment'")  # neither is a comment
+    before = {name: (_shape(site, name), _index_rows(site, name)) for name in ("p", "g", "c", "t")}
+    report = commands.init(env.settings(sites=[site]))
+    assert report.copied == {"site1": 4500}
+    assert_same_tables(env.source, [site], min_rows=500)
+    for name, (shape, indexes) in before.items():
+        assert _shape(site, name) == shape, name
+        assert _index_rows(site, name) == indexes, name  # the same indexes, never dropped
+    assert scalar(site, "SELECT indisclustered FROM pg_index WHERE indexrelid = 'c_v'::regclass")
+    assert scalar(site, "SELECT obj_description('t_grp'::regclass, 'pg_class')") == "a comment"
+
+
+def test_a_copy_failing_midway_leaves_the_indexes_as_they_were(env: Env) -> None:
+    import psycopg
+
+    execute(env.source, *SOURCE_T)
+    site = env.sites[0]
+    execute(site, *SITE_T, "ALTER TABLE t ADD CONSTRAINT t_small CHECK (v < 2500)")
+    before, indexes = _shape(site, "t"), _index_rows(site, "t")
+    settings = env.settings(sites=[site])
+    with pytest.raises(psycopg.errors.CheckViolation):
+        commands.init(settings)
+    assert scalar(site, "SELECT count(*) FROM t") == 0
+    assert _shape(site, "t") == before
+    assert _index_rows(site, "t") == indexes
+    # The site fixed, init again: the copy is made, the indexes built after it.
+    execute(site, "ALTER TABLE t DROP CONSTRAINT t_small")
+    before = _shape(site, "t")
+    assert commands.init(settings).copied == {"site1": 3000}
+    assert_same_tables(env.source, [site], min_rows=3000)
+    assert _shape(site, "t") == before
+    assert [xmin for _, xmin, _ in _index_rows(site, "t")] == _rows_xmin(site, "t") * 6
