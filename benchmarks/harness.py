@@ -188,6 +188,7 @@ class Harness:
     workdir: Path
     code: dict[str, Any]
     env: dict[str, str]
+    native_streaming: str = "off"  # the native subscriptions' `streaming` option
     _children: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
@@ -368,11 +369,12 @@ class NativeReplication:
     def create_subscription(self, site_db: str, *, copy_data: bool, enabled: bool) -> None:
         self.h.site.execute(
             sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
-                    "WITH (copy_data = {}, enabled = {})").format(
+                    "WITH (copy_data = {}, enabled = {}, streaming = {})").format(
                 sql.Identifier(self.subscription(site_db)),
                 sql.Literal(self.h.source.dsn(self.source_db)), sql.Identifier(self.name),
                 sql.SQL("true" if copy_data else "false"),
-                sql.SQL("true" if enabled else "false")),
+                sql.SQL("true" if enabled else "false"),
+                sql.Literal(self.h.native_streaming)),
             dbname=site_db)
 
     def create(self) -> None:

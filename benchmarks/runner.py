@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetitions", type=int, metavar="N",
                         help=f"repetitions per scenario (default {DEFAULT_REPETITIONS}, "
                              "1 with --quick)")
+    parser.add_argument("--native-streaming", choices=("off", "on", "parallel"), default="off",
+                        help="the native subscriptions' `streaming` option (default off, "
+                             "PostgreSQL's default; `parallel` needs 16)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where latest.json and latest.md go (default benchmarks/results)")
     return parser
@@ -110,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     try:
         with Harness.open(args.server) as harness:
+            harness.native_streaming = args.native_streaming
             server, code = harness.server, harness.code
             for scenario in scenarios:
                 results.append(_run_one(harness, scenario, repetitions))
@@ -124,12 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(),
         "repetitions": repetitions,
         "quick": args.quick,
+        "native_streaming": args.native_streaming,
         "scenarios_run": [s.key for s in scenarios],
         # 1-minute load averages: far above the CPU count, other work competed with the run
         "load_average": {"start": round(load_before[0], 2),
                          "end": round(os.getloadavg()[0], 2)},
     }
-    print(f"\ncdc-sync vs. native logical replication — {server}, median of {repetitions}\n")
+    print(f"\ncdc-sync vs. native logical replication — {server}, median of {repetitions}"
+          f"{'' if args.native_streaming == 'off' else ', native streaming ' + args.native_streaming}\n")
     print(text_table(results), end="")
     cpus = os.cpu_count() or 1
     if max(meta["load_average"].values()) > cpus:

@@ -103,6 +103,8 @@ class Pipeline:
         self.retained_bytes: int | None = None
         self.listeners = [ListenerThread(fn, name=f"listener-{i}") for i, fn in enumerate(listeners)]
         self.stream_apply = stream_apply_possible(settings) and not self.listeners
+        for w in self.workers:
+            w.prestream = self.stream_apply
         self._no_stream_until = 0.0
         self._check_origins = False  # PostgreSQL 15 without forward_origins (see module doc)
         self.streaming = False  # whether the current stream session streams

@@ -404,7 +404,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     for name in ("cdc_sync/_migrations/env.py", "cdc_sync/_migrations/script.py.mako",
                  "cdc_sync/_migrations/versions/0001_initial.py",
                  "cdc_sync/_migrations/versions/0002_tombstone_trigger.py",
-                 "cdc_sync/sinks/schema.py"):
+                 "cdc_sync/sinks/schema.py", "cdc_sync/sinks/schema_head.sql"):
         assert name in names
     # Installed, the package finds its migrations inside itself.
     site = tmp_path / "site"
@@ -412,14 +412,16 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
         [sys.executable, "-c",
          "import sys; sys.path.insert(0, sys.argv[1]);"
          "from cdc_sync.sinks import schema;"
-         "print(schema.__file__); print(schema.script_location()); print(schema.head_revision())",
+         "print(schema.__file__); print(schema.script_location()); print(schema.head_revision());"
+         "print(schema.head_sql(schema.head_revision()) is not None)",
          str(site)],
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    module, location, head = probe.stdout.split()
+    module, location, head, has_head_sql = probe.stdout.split()
     assert module.startswith(str(site))
     assert location == str(site / "cdc_sync" / "_migrations")
     assert head == "0002"
+    assert has_head_sql == "True"
 
 
 # -- the cheap path ----------------------------------------------------------------------------
@@ -485,12 +487,13 @@ def test_a_site_at_head_is_checked_without_alembic(make_db: Callable[..., str]) 
         assert done.returncode == 0, done.stderr
         return done.stdout.strip()
 
-    # A first migration needs alembic (and then keeps its objects from the collector's walks).
-    assert probe() == "True True True"
+    # A fresh site is made from schema_head.sql (see test_schema_sql.py): no alembic either.
+    assert probe() == "False False False"
     assert schema_version(dsn) == head_revision()
     # At head: one psycopg query, alembic and SQLAlchemy never imported.
     assert probe() == "False False False"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE cdc_sync.alembic_version SET version_num = '0001'")
-    assert probe() == "True True True"  # behind: alembic upgrades it
+    # Behind: alembic upgrades it (and then keeps its objects from the collector's walks).
+    assert probe() == "True True True"
     assert schema_version(dsn) == head_revision()

@@ -18,12 +18,22 @@ Contract:
   `cdc_sync.alembic_version` and compares it with the head found by reading the revision files
   (`light_head_revision`); alembic and SQLAlchemy (slow to import) are imported only when a
   migration may be needed, or when the revision files cannot be read that simply.
+- A fresh site (no `cdc_sync.alembic_version`, and no schema `cdc_sync` or an empty one) is
+  created without alembic too: `schema_head.sql` beside this module is what alembic's offline
+  mode renders for base -> head (`render_head_sql`; regenerate it with
+  `python -m cdc_sync.sinks.schema --render-head-sql`, tests/test_schema_sql.py checks it is
+  current). It runs in one transaction under the migration lock, after checking again that the
+  site is still fresh; when it does not apply (the file stamps another revision than the head,
+  the site is not fresh) or anything fails, the alembic path below does the work (and reports
+  errors).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import gc
+import io
 import logging
 import re
 import sys
@@ -42,14 +52,17 @@ if TYPE_CHECKING:  # alembic and SQLAlchemy are imported where used: they are sl
     from sqlalchemy.engine import Connection, Engine
 
 __all__ = [
+    "HEAD_SQL",
     "MIGRATION_LOCK_KEY",
     "SCHEMA",
     "alembic_config",
     "head_revision",
+    "head_sql",
     "light_head_revision",
     "make_engine",
     "migrate_site",
     "prepare_schema",
+    "render_head_sql",
     "schema_version",
     "script_location",
     "site_label",
@@ -61,6 +74,8 @@ SCHEMA = "cdc_sync"
 # One advisory lock key for "migrating the cdc_sync schema": the bytes of b"cdc_sync".
 MIGRATION_LOCK_KEY = int.from_bytes(b"cdc_sync", "big")
 DEFAULT_CONNECT_TIMEOUT = 5  # seconds, when the DSN does not say
+# base -> head as alembic's offline mode renders it (`render_head_sql`), for fresh sites.
+HEAD_SQL = Path(__file__).resolve().with_name("schema_head.sql")
 
 # alembic's `context` and `op` are module-level proxies, not thread-local: two upgrades in
 # one process must not overlap, whatever the database lock says.
@@ -144,8 +159,7 @@ def migrate_site(dsn: str) -> None:
     """Create or upgrade the `cdc_sync` schema of the site at `dsn` to the head revision."""
     label = site_label(dsn)
     head = light_head_revision()
-    if head is not None and _read_versions(dsn, label) == [head]:
-        log.debug("site %s: cdc_sync schema already at %s", label, head)
+    if head is not None and _quick_migrate(dsn, label, head):
         return
     import sqlalchemy as sa
     from alembic import command
@@ -232,31 +246,140 @@ def light_head_revision() -> str | None:
     return heads[0]
 
 
-def _read_versions(dsn: str, label: str) -> list[str] | None:
-    """The revisions in the site's `cdc_sync.alembic_version`, with one plain psycopg
-    connection; None without that table or when it cannot be read (alembic then says why)."""
+def _connect_plain(dsn: str, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
+    """A plain psycopg connection, with the default connect timeout unless the DSN sets one."""
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
         raise SiteError("site database: not a valid PostgreSQL connection string") from exc
-    extra: dict[str, Any] = {}
     if "connect_timeout" not in params:
-        extra["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+        kwargs["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+    return psycopg.connect(dsn, **kwargs)
+
+
+def _quick_migrate(dsn: str, label: str, head: str) -> bool:
+    """With one plain psycopg connection: True if the site is already at `head`, or was fresh
+    and is now created from `schema_head.sql`; False when alembic has to look (the site is
+    behind or odd, the SQL file does not apply, or anything failed: alembic then says why)."""
     try:
-        with psycopg.connect(dsn, autocommit=True, **extra) as conn:
-            exists = conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.alembic_version",)).fetchone()
-            if not exists or not exists[0]:
-                return None
-            rows = conn.execute(sql.SQL("SELECT version_num FROM {}").format(
-                sql.Identifier(SCHEMA, "alembic_version"))).fetchall()
+        conn = _connect_plain(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
         if exc.sqlstate is None:  # no session at all: alembic would fail the same way
             raise _site_error(label, exc, "cannot migrate the cdc_sync schema") from exc
+        return False  # e.g. no such database: alembic's path says so
+    try:
+        with conn:
+            versions = _read_versions(conn)
+            if versions == [head]:
+                log.debug("site %s: cdc_sync schema already at %s", label, head)
+                return True
+            if versions is not None:
+                return False
+            script = head_sql(head)
+            if script is None:
+                return False
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+                # Under the lock: another session may have migrated the site meanwhile.
+                versions = _read_versions(conn)
+                if versions == [head]:
+                    log.debug("site %s: cdc_sync schema already at %s", label, head)
+                    return True
+                if versions is not None or not _schema_is_empty(conn):
+                    return False
+                conn.execute(script)
+                if _read_versions(conn) != [head]:
+                    raise _NotApplied
+    except (psycopg.Error, _NotApplied) as exc:
+        log.debug("site %s: creating the cdc_sync schema without alembic failed (%s);"
+                  " trying alembic", label, exc)
+        return False
+    log.info("site %s: cdc_sync schema created at %s", label, head)
+    return True
+
+
+class _NotApplied(Exception):
+    """`schema_head.sql` ran but did not leave the site at the head revision."""
+
+
+def _read_versions(conn: psycopg.Connection[tuple[Any, ...]]) -> list[str] | None:
+    """The revisions in the site's `cdc_sync.alembic_version`, or None without that table.
+
+    Whether the table exists is read from pg_class itself, with the statement's snapshot, not
+    by name lookup (`to_regclass`): a session's catalog caches only learn of other sessions'
+    DDL at certain points, so a lookup made again after waiting for the migration lock could
+    still miss a table committed meanwhile.
+    """
+    exists = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = 'alembic_version')", (SCHEMA,)).fetchone()
+    if not exists or not exists[0]:
         return None
-    except psycopg.Error:  # e.g. no access to the schema: alembic's path says what is wrong
-        return None
+    rows = conn.execute(sql.SQL("SELECT version_num FROM {}").format(
+        sql.Identifier(SCHEMA, "alembic_version"))).fetchall()
     return [str(r[0]) for r in rows]
+
+
+def _schema_is_empty(conn: psycopg.Connection[tuple[Any, ...]]) -> bool:
+    """True if schema `cdc_sync` does not exist or holds nothing (every object in a schema,
+    whatever its kind, depends on it in pg_depend: that is what DROP SCHEMA checks)."""
+    row = conn.execute(
+        "SELECT NOT EXISTS (SELECT FROM pg_catalog.pg_depend d"
+        " JOIN pg_catalog.pg_namespace n ON n.oid = d.refobjid"
+        " WHERE d.refclassid = 'pg_catalog.pg_namespace'::regclass AND n.nspname = %s)",
+        (SCHEMA,)).fetchone()
+    return bool(row and row[0])
+
+
+_STAMP = re.compile(
+    r"^(?:INSERT INTO \S+\.alembic_version \(version_num\) VALUES \('([^']+)'\)"
+    r"|UPDATE \S+\.alembic_version SET version_num='([^']+)')", re.M)
+
+
+@functools.cache
+def head_sql(head: str) -> bytes | None:
+    """The statements of `schema_head.sql` (without its BEGIN and COMMIT: the caller runs
+    them in its own transaction) if the file stamps `head` last; else None."""
+    try:
+        text = HEAD_SQL.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    stamps = _STAMP.findall(text)
+    if not stamps or (stamps[-1][0] or stamps[-1][1]) != head:
+        return None
+    body = text.strip()
+    if not (body.startswith("BEGIN;") and body.endswith("COMMIT;")):
+        return None
+    return body.removeprefix("BEGIN;").removesuffix("COMMIT;").strip().encode()
+
+
+def render_head_sql() -> str:
+    """base -> head as SQL, rendered by alembic's offline mode (what `schema_head.sql` holds).
+
+    Configured as migrations/env.py's offline mode (schema first, `alembic_version` in
+    `cdc_sync`, one transaction), plus the `named` paramstyle: with the default `pyformat`,
+    every `%` in `op.execute` text comes out doubled (`%I` as `%%I` in 0002's function), which
+    is not what an online upgrade runs.
+    """
+    from alembic.runtime.environment import EnvironmentContext
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config()
+    script = ScriptDirectory.from_config(config)
+    out = io.StringIO()
+
+    def upgrade(rev: Any, context: Any) -> Any:
+        return script._upgrade_revs("head", rev)
+
+    with EnvironmentContext(config, script, fn=upgrade, as_sql=True, starting_rev=None,
+                            destination_rev="head") as env:
+        env.configure(dialect_name="postgresql", dialect_opts={"paramstyle": "named"},
+                      literal_binds=True, version_table_schema=SCHEMA, output_buffer=out)
+        with env.begin_transaction():
+            env.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+            env.run_migrations()
+    return out.getvalue()
 
 
 def _current(connection: Connection) -> str | None:
@@ -291,3 +414,26 @@ def _reason(exc: BaseException) -> str:
     reason = _CONNECT_PREFIX.sub("", lines[0])
     reason = re.sub(r"^(FATAL|ERROR):\s+", "", reason)
     return mask_dsn(reason or lines[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cdc_sync.sinks.schema --render-head-sql [--check]`."""
+    parser = argparse.ArgumentParser(prog="python -m cdc_sync.sinks.schema")
+    parser.add_argument("--render-head-sql", action="store_true", required=True,
+                        help=f"render base -> head with alembic into {HEAD_SQL.name}")
+    parser.add_argument("--check", action="store_true",
+                        help="only say whether the file is current (exit status 1 if not)")
+    args = parser.parse_args(argv)
+    rendered = render_head_sql()
+    current = HEAD_SQL.read_text(encoding="utf-8") if HEAD_SQL.exists() else None
+    if args.check:
+        print(f"{HEAD_SQL}: {'current' if current == rendered else 'OUT OF DATE'}")
+        return 0 if current == rendered else 1
+    if current != rendered:
+        HEAD_SQL.write_text(rendered, encoding="utf-8")
+    print(f"{HEAD_SQL}: {'unchanged' if current == rendered else 'written'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -157,6 +157,9 @@ class SiteWorker(threading.Thread):
         self._stopping = threading.Event()
         self.ready = threading.Event()
         self.stream_conflict = False  # a lock wait between our own connections: no streaming
+        # Streamed transactions may come: keep a stream connection open, so the first chunk
+        # of a large transaction does not wait for a connection.
+        self.prestream = False
         self._streams: dict[int, _OpenStream] = {}
         self._spare: list[_StreamWriter] = []
 
@@ -237,6 +240,8 @@ class SiteWorker(threading.Thread):
                     self.on_rewind(self)
                 else:
                     self._accepting = True
+                if self.prestream and not self._spare:
+                    self._spare.append(self._stream_writer())
                 self.ready.set()
                 failures = 0
                 self._loop(writer)
@@ -305,14 +310,17 @@ class SiteWorker(threading.Thread):
         else:
             _close_quietly(sw.writer)
 
-    def _abandon_streams(self) -> None:
-        """Roll back every open streamed transaction (the stream restarts or stops)."""
+    def _abandon_streams(self, main: SiteWriter) -> None:
+        """Roll back every open streamed transaction (the stream restarts or stops); `main`
+        must be between transactions."""
         streams, self._streams = self._streams, {}
         for st in streams.values():
             try:
                 self._release(st.conn)
             except psycopg.Error:
                 _close_quietly(st.conn.writer)
+        if streams:
+            main.set_lock_timeout(0)
 
     def _close_streams(self) -> None:
         streams, self._streams = self._streams, {}
@@ -423,7 +431,7 @@ class SiteWorker(threading.Thread):
                     commit_target()
                 drop_buffer()
                 writer.rollback()
-                self._abandon_streams()
+                self._abandon_streams(writer)
                 self._detached = False
                 self._drain()
                 in_src_tx = skipping = False
@@ -452,12 +460,12 @@ class SiteWorker(threading.Thread):
                     commit_target()
                 drop_buffer()
                 writer.rollback()
-                self._abandon_streams()
+                self._abandon_streams(writer)
                 return
             if isinstance(item, Reset):
                 drop_buffer()
                 writer.rollback()
-                self._abandon_streams()
+                self._abandon_streams(writer)
                 self._awaiting_reset = False
                 in_src_tx = skipping = False
                 pending = pending_keepalive = None
