@@ -247,9 +247,8 @@ class Pipeline:
                             if assembler.in_stream_block:
                                 for item in items:
                                     self._dispatch(item, stream)
-                            elif not skipping:
-                                for item in items:
-                                    self._dispatch(item, stream)
+                            else:
+                                skipping = self._emit(items, skipping, forward, stream)
                         continue
                     if assembler.in_stream_block:
                         xid, msg = decode_streamed(data)
@@ -266,15 +265,8 @@ class Pipeline:
                                               "transactions")
                         self._rewind.set()
                         break
-                    for item in assembler.feed(msg, len(data)):
-                        if isinstance(item, TxBegin):
-                            skipping = item.origin is not None and not forward
-                        if not skipping:
-                            self._dispatch(item, stream)
-                        elif isinstance(item, TxCommit):
-                            # Skipped transactions still move every site forward.
-                            skipping = False
-                            self._dispatch(Keepalive(item.end_lsn), stream)
+                    skipping = self._emit(assembler.feed(msg, len(data)), skipping, forward,
+                                          stream)
                     if isinstance(msg, (Commit, StreamCommit)):
                         self.received_lsn = max(self.received_lsn, msg.end_lsn)
                 now = time.monotonic()
@@ -298,6 +290,21 @@ class Pipeline:
         finally:
             in_tx = assembler.in_transaction
         return in_tx
+
+    def _emit(self, items: list[TxItem], skipping: bool, forward: bool,
+              stream: ReplicationStream) -> bool:
+        """Dispatch the items of whole transactions, leaving out those that carry a replication
+        origin unless `forward`; returns whether the open transaction is being skipped."""
+        for item in items:
+            if isinstance(item, TxBegin):
+                skipping = item.origin is not None and not forward
+            if not skipping:
+                self._dispatch(item, stream)
+            elif isinstance(item, TxCommit):
+                # Skipped transactions still move every site forward.
+                skipping = False
+                self._dispatch(Keepalive(item.end_lsn), stream)
+        return skipping
 
     def _check_retention(self) -> None:
         retained = self.monitor.retained_bytes()
