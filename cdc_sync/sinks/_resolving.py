@@ -153,7 +153,11 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     else:
         more_applied = 0
     if deletes:
-        cur.execute(_sql.delete_sql(st), _transpose([d[0] for d in deletes]))
+        # Only rows we saw (and locked FOR UPDATE): a key that was missing may have been
+        # inserted locally since we looked, and that newer row must not be deleted unseen.
+        present = [d[0] for d in deletes if d[0] in local]
+        if present:
+            cur.execute(_sql.delete_sql(st), _transpose(present))
         cur.execute(
             "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
             "SELECT %s, k, d, v, %s, l::pg_lsn FROM unnest(%s::jsonb[], %s::text[], "

@@ -525,7 +525,7 @@ def test_stream_lost_mid_transaction_while_a_site_is_blocked(
     commands.init(settings)
     state = {"armed": False, "cut": False, "lost": False}
     seen = [0]  # frames read since armed
-    real_read = stream_module.ReplicationStream.read
+    real_read = stream_module.ReplicationStream.read_raw  # what the pipeline reads with
 
     def read(self: stream_module.ReplicationStream, timeout: float) -> list[Any]:
         if state["cut"] and not state["lost"]:
@@ -540,7 +540,7 @@ def test_stream_lost_mid_transaction_while_a_site_is_blocked(
                 return frames[:keep]
         return frames
 
-    monkeypatch.setattr(stream_module.ReplicationStream, "read", read)
+    monkeypatch.setattr(stream_module.ReplicationStream, "read_raw", read)
     with running_pipeline(settings, chunk_size=10) as pipe:
         execute(env.source, "INSERT INTO ledger VALUES (0, 0, 0, 'first')")
         wait_until_caught_up(settings, pipeline=pipe)
