@@ -90,7 +90,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     key = st.key
     names = [table.columns[i] for i in key]
     befores = [key_values(ch, key) for ch in run.changes]
-    with_ts = _track_commit_timestamp(writer)
+    with_ts = writer.track_commit_ts
     # Two appliers (from two offices) deciding the same key must not interleave: a row lock
     # cannot cover a key with no row, so each key's advisory lock is taken first, in order.
     cur.execute("SELECT pg_advisory_xact_lock(h) FROM unnest(%s::bigint[]) AS u(h) ORDER BY h",
@@ -233,17 +233,6 @@ def _key_lock(table: str, key: tuple[Any, ...]) -> int:
     """A stable signed 64-bit advisory-lock id for (table, key)."""
     digest = hashlib.blake2b(repr((table, key)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-def _track_commit_timestamp(writer: SiteWriter) -> bool:
-    cached = getattr(writer, "_track_commit_ts", None)
-    if cached is None:
-        with writer.conn.cursor() as c:
-            c.execute("SELECT current_setting('track_commit_timestamp')::bool")
-            row = c.fetchone()
-        cached = bool(row and row[0])
-        writer._track_commit_ts = cached  # type: ignore[attr-defined]
-    return bool(cached)
 
 
 __all__ = ["UserCodeError", "apply_resolved", "origin_name", "origin_source"]

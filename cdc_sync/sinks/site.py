@@ -126,10 +126,13 @@ class SiteWriter:
         # Under session_replication_role = replica (no FK checks, no triggers) changes of
         # different tables in one batch may be applied table by table.
         with conn.cursor() as cur:
-            cur.execute("SELECT current_setting('session_replication_role') = 'replica'")
+            cur.execute("SELECT current_setting('session_replication_role') = 'replica', "
+                        "current_setting('track_commit_timestamp')::bool")
             row = cur.fetchone()
         conn.rollback()
         self._replica_role = bool(row and row[0])
+        # Whether the site records commit timestamps (the resolving path reads them).
+        self.track_commit_ts = bool(row and row[1])
         self.dead_letters = 0
         self.conflicts = 0
         if self.opts.origin:
@@ -197,6 +200,12 @@ class SiteWriter:
             self.conn.rollback()
         except psycopg.OperationalError:
             pass
+
+    def ping(self) -> None:
+        """A round trip on an idle connection: raises OperationalError if it is gone."""
+        assert not self._in_tx
+        self.conn.execute("SELECT 1")
+        self.conn.rollback()
 
     def savepoint(self, name: str) -> None:
         """A named savepoint in the open transaction (a streamed subtransaction starts)."""

@@ -10,6 +10,8 @@ Contract:
 - Several small source transactions share one target transaction (until the queue is empty or
   `group_max_changes`/`group_max_seconds` are reached); a huge one is applied chunk by chunk in
   one target transaction.
+- An idle worker checks its site connection every `IDLE_CHECK_SECONDS`: a site that went
+  away shows as disconnected in `status` without waiting for the next change.
 - `durable_lsn` only ever grows and only to positions committed on the site (or, on an idle
   stream, to the keepalive position when nothing is pending): the pipeline confirms the
   minimum over all workers to the source.
@@ -67,6 +69,7 @@ FLUSH_CHANGES: Final = DEFAULT_CHUNK_SIZE
 BACKOFF_INITIAL: Final = 0.5
 BACKOFF_MAX: Final = 15.0
 STREAM_LOCK_TIMEOUT_MS: Final = 5000
+IDLE_CHECK_SECONDS: Final = 5.0  # an idle worker checks its site connection this often
 SPARE_STREAM_WRITERS: Final = 1
 
 
@@ -156,6 +159,7 @@ class SiteWorker(threading.Thread):
         self._missed = False  # an item was refused: the stream must be replayed for us
         self._stopping = threading.Event()
         self.ready = threading.Event()
+        self.idle_check_seconds = IDLE_CHECK_SECONDS
         self.stream_conflict = False  # a lock wait between our own connections: no streaming
         # Streamed transactions may come: keep a stream connection open, so the first chunk
         # of a large transaction does not wait for a connection.
@@ -390,6 +394,7 @@ class SiteWorker(threading.Thread):
         target_changes = 0
         target_started = 0.0
         current: TxBegin | None = None
+        last_check = time.monotonic()  # of the site connection, when idle (see below)
 
         # Changes of consecutive small transactions are applied together (see
         # `SiteWriter.apply_segments`): buffered until FLUSH_CHANGES or the target commit.
@@ -441,9 +446,16 @@ class SiteWorker(threading.Thread):
                 self._accepting = True
                 self.on_rewind(self)
                 continue
-            timeout = None
+            timeout: float | None = None
             if writer.in_transaction and not in_src_tx:
                 timeout = max(0.0, target_started + self.group_max_seconds - time.monotonic())
+            elif not writer.in_transaction:
+                # Idle: notice a lost site connection now (status shows it, and the worker
+                # reconnects), not with the next change.
+                if time.monotonic() - last_check >= self.idle_check_seconds:
+                    writer.ping()
+                    last_check = time.monotonic()
+                timeout = max(0.0, last_check + self.idle_check_seconds - time.monotonic())
             if self._stopping.is_set():
                 # stop() could not queue _STOP on a full queue: stop once it is drained.
                 timeout = 0.2 if timeout is None else min(timeout, 0.2)
@@ -452,9 +464,11 @@ class SiteWorker(threading.Thread):
             except queue.Empty:
                 if self._stopping.is_set():
                     item = _STOP
-                else:
+                elif writer.in_transaction:
                     commit_target()
                     continue
+                else:
+                    continue  # time for the idle check
             if isinstance(item, _Stop):
                 if writer.in_transaction and not in_src_tx:
                     commit_target()
