@@ -277,10 +277,7 @@ class Assembler:
             self._position += 1
             self._pending_bytes += size
             if len(self._pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
-                chunk = TxChanges(tuple(self._pending))
-                self._pending = []
-                self._pending_bytes = 0
-                return [chunk]
+                return [self._chunk()]
             return []
         out: list[TxItem] = []
         if isinstance(msg, Begin):
@@ -319,9 +316,7 @@ class Assembler:
             self._begun = True
         if isinstance(msg, Commit):
             if self._pending:
-                out.append(TxChanges(tuple(self._pending)))
-                self._pending = []
-                self._pending_bytes = 0
+                out.append(self._chunk())
             out.append(TxCommit(msg.commit_lsn, msg.end_lsn,
                                 pg_timestamp_to_datetime(msg.commit_ts)))
             self._begin = None
@@ -331,9 +326,7 @@ class Assembler:
         self._position += 1
         self._pending_bytes += size
         if len(self._pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
-            out.append(TxChanges(tuple(self._pending)))
-            self._pending = []
-            self._pending_bytes = 0
+            out.append(self._chunk())
         return out
 
     def feed_row(self, data: bytes) -> list[TxItem]:
@@ -346,12 +339,7 @@ class Assembler:
         xid, tag, oid, action, old, new = decode_row(data, top is not None)
         out: list[TxItem] = []
         if top is not None:
-            sub = top if xid is None else xid
-            if sub != self._block_sub and self._pending:
-                out.append(self._stream_chunk())
-            self._block_sub = sub
-            pos = self._stream_pos.get(top, 0)
-            self._stream_pos[top] = pos + 1
+            pos = self._streamed_position(top, xid, out)
         else:
             pos = self._position
             self._position = pos + 1
@@ -381,12 +369,11 @@ class Assembler:
             if msg.first_segment:
                 self._stream_pos[msg.xid] = 0
                 self.stream_origins.pop(msg.xid, None)
+                self._unmarked.add(msg.xid)
             elif msg.xid not in self._stream_pos:
                 # A later block of a transaction whose start we never saw cannot be applied.
                 raise ProtocolError(f"Stream Start of transaction {msg.xid} without its "
                                     "first segment", 0)
-            if msg.first_segment:
-                self._unmarked.add(msg.xid)
             self._block_xid, self._block_sub = msg.xid, msg.xid
             self._pending, self._pending_bytes = [], 0
             return []
@@ -415,14 +402,8 @@ class Assembler:
         cls = type(msg)
         out: list[TxItem] = []
         if cls is Update or cls is Insert or cls is Delete or cls is Truncate or cls is Message:
-            sub = top if xid is None else xid
-            if sub != self._block_sub and self._pending:
-                out.append(self._stream_chunk())
-            self._block_sub = sub
-            pos = self._stream_pos.get(top, 0)
-            self._position = pos
+            self._position = self._streamed_position(top, xid, out)  # what _change reads
             self._pending.append(self._change(msg))
-            self._stream_pos[top] = pos + 1
             self._pending_bytes += size
             if len(self._pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
                 out.append(self._stream_chunk())
@@ -441,6 +422,18 @@ class Assembler:
         else:
             raise ProtocolError(f"unexpected {cls.__name__} inside a block of streamed changes", 0)
         return out
+
+    def _streamed_position(self, top: int, xid: int | None, out: list[TxItem]) -> int:
+        """The position of the next change of streamed transaction `top`, made by (sub)
+        transaction `xid` (None: the top level); a change of another subtransaction than the
+        pending ones first cuts their chunk (into `out`)."""
+        sub = top if xid is None else xid
+        if sub != self._block_sub and self._pending:
+            out.append(self._stream_chunk())
+        self._block_sub = sub
+        pos = self._stream_pos.get(top, 0)
+        self._stream_pos[top] = pos + 1
+        return pos
 
     def _stream_chunk(self) -> TxStreamChanges:
         assert self._block_xid is not None
