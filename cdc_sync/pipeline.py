@@ -50,7 +50,6 @@ from .protocol import (
     PrimaryKeepalive,
     StreamCommit,
     StreamStart,
-    decode_copy_data,
     decode_message,
     decode_streamed,
 )
@@ -231,7 +230,7 @@ class Pipeline:
                 reply = False
                 for raw in stream.read_raw(0.2):
                     if raw[0] != _XLOG_DATA or len(raw) < XLOG_DATA_HEADER_SIZE:
-                        frame = decode_copy_data(raw)  # a keepalive (or the error for raw)
+                        frame = stream.decode_frame(raw)  # a keepalive (or StreamLost)
                         if isinstance(frame, PrimaryKeepalive):
                             self.received_lsn = max(self.received_lsn, frame.wal_end)
                             reply = reply or frame.reply_requested
@@ -244,16 +243,12 @@ class Pipeline:
                         # The hot path: a row change, in a transaction or a streamed block.
                         items = assembler.feed_row(data)
                         if items:
-                            if assembler.in_stream_block:
-                                for item in items:
-                                    self._dispatch(item, stream)
-                            else:
-                                skipping = self._emit(items, skipping, forward, stream)
+                            skipping = self._emit(items, skipping, forward, stream)
                         continue
                     if assembler.in_stream_block:
                         xid, msg = decode_streamed(data)
-                        for item in assembler.feed_streamed(xid, msg, len(data)):
-                            self._dispatch(item, stream)
+                        skipping = self._emit(assembler.feed_streamed(xid, msg, len(data)),
+                                              skipping, forward, stream)
                         continue
                     msg = decode_message(data)
                     if type(msg) is Message and msg.prefix == HEARTBEAT_PREFIX:
@@ -293,8 +288,9 @@ class Pipeline:
 
     def _emit(self, items: list[TxItem], skipping: bool, forward: bool,
               stream: ReplicationStream) -> bool:
-        """Dispatch the items of whole transactions, leaving out those that carry a replication
-        origin unless `forward`; returns whether the open transaction is being skipped."""
+        """Dispatch items, leaving out the transactions that carry a replication origin unless
+        `forward`; returns whether the open transaction is being skipped. (Streamed items never
+        come while one is: a stream block cannot start inside a transaction.)"""
         for item in items:
             if isinstance(item, TxBegin):
                 skipping = item.origin is not None and not forward
@@ -382,8 +378,9 @@ def stream_apply_possible(settings: Settings) -> bool:
     if settings.connectors or "outbox" in settings.model_fields_set:
         return False
     conf = settings.conflicts
-    policies = [conf.for_table(q) for q in conf.tables] + [conf.for_table("\x00default")]
-    return all(p.strategy == "source_wins" and not p.counters for p in policies)
+    strategies = [conf.strategy] + [t.strategy or conf.strategy for t in conf.tables.values()]
+    return (all(s == "source_wins" for s in strategies)
+            and not any(t.counters for t in conf.tables.values()))
 
 
 def uses_commit_time(settings: Settings) -> bool:

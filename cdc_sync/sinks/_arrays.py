@@ -19,10 +19,15 @@ Python but the server's `array_in` spends ~1 us per element parsing it.)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 DELIMITER: Final = "\x1f"
 NULL_MARK: Final = "\x1e"
+
+
+def transpose(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Rows of values to one list (array parameter) per column."""
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def pack(values: Sequence[str | None]) -> str | None:

@@ -146,34 +146,41 @@ def plan_runs(changes: Sequence[Change], keys: dict[int, tuple[int, ...]], *,
 
 _OP = itemgetter(0)  # Change fields, by position (Change is a NamedTuple)
 _TABLE = itemgetter(2)
-_NEW = itemgetter(3)
-_OLD = itemgetter(4)
+NEW_OF = itemgetter(3)
+OLD_OF = itemgetter(4)
+
+
+def one_table(changes: Sequence[Change]) -> Table | None:
+    """The table when every change is a row change of that one `Table` object (compared by
+    identity, as the planner does), else None. In C: no per-change Python loop."""
+    if not changes:
+        return None
+    table = changes[0].table
+    if table is None or list(map(id, map(_TABLE, changes))).count(id(table)) != len(changes):
+        return None
+    return table
 
 
 def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Run | None:
     """The whole chunk as one run, when that is plain to see (the common case of a big
     transaction): one op on one keyed table, distinct keys, whole rows, no key changes. None
     when any of that does not hold (the general planner then decides)."""
-    if not changes:
+    table = one_table(changes)  # row changes only: truncates and messages have no table
+    if table is None:
         return None
-    first = changes[0]
-    op, table = first.op, first.table
-    if table is None or op is Op.TRUNCATE or op is Op.MESSAGE:
-        return None
+    op = changes[0].op
     key = keys.get(table.oid)
     n = len(changes)
-    # Whole-chunk checks in C (map/itemgetter, list.count) instead of per-change Python loops;
-    # tables compared by identity, as the general planner does.
-    if key is None or list(map(_OP, changes)).count(op) != n \
-            or list(map(id, map(_TABLE, changes))).count(id(table)) != n:
+    # Whole-chunk checks in C (map/itemgetter, list.count) instead of per-change Python loops.
+    if key is None or list(map(_OP, changes)).count(op) != n:
         return None
     cols: tuple[int, ...] = ()
     if op is Op.DELETE:
-        rows = list(map(_OLD, changes))
+        rows = list(map(OLD_OF, changes))
     else:
-        rows = list(map(_NEW, changes))
+        rows = list(map(NEW_OF, changes))
         if op is Op.UPDATE:
-            if list(map(_OLD, changes)).count(None) != n \
+            if list(map(OLD_OF, changes)).count(None) != n \
                     or countOf(chain.from_iterable(rows), UNCHANGED_TOAST):
                 return None
             cols = _all_columns(table)

@@ -25,6 +25,7 @@ from ..changes import UNCHANGED_TOAST, Change, Op, TxBegin
 from ..protocol import ReplicaIdentity
 from ..resolve import Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
+from ._arrays import transpose
 from ._plan import Run
 from ._rows import as_dict, key_dict, key_values
 from ._sql import SiteTable
@@ -33,11 +34,6 @@ if TYPE_CHECKING:
     from .site import SiteWriter
 
 ORIGIN_PREFIX = "cdc_sync:"
-
-
-def _transpose(rows: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    """Rows of values to one list (array parameter) per column."""
-    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def origin_name(source: str, site: str) -> str:
@@ -95,7 +91,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
     # cannot cover a key with no row, so each key's advisory lock is taken first, in order.
     cur.execute("SELECT pg_advisory_xact_lock(h) FROM unnest(%s::bigint[]) AS u(h) ORDER BY h",
                 (sorted({_key_lock(table.qualified, k) for k in befores}),))
-    cur.execute(_local_rows_sql(st, with_ts), _transpose(befores))
+    cur.execute(_local_rows_sql(st, with_ts), transpose(befores))
     nk = len(key)
     local: dict[tuple[Any, ...], LocalRow] = {}
     for r in cur.fetchall():
@@ -157,7 +153,7 @@ def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, 
         # inserted locally since we looked, and that newer row must not be deleted unseen.
         present = [d[0] for d in deletes if d[0] in local]
         if present:
-            cur.execute(_sql.delete_sql(st), _transpose(present))
+            cur.execute(_sql.delete_sql(st), transpose(present))
         cur.execute(
             "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
             "SELECT %s, k, d, v, %s, l::pg_lsn FROM unnest(%s::jsonb[], %s::text[], "
@@ -193,7 +189,7 @@ def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable, writes: Sequence[_Write
         return []
     moved = [w.before for w in writes if w.before != w.after]
     if moved:
-        cur.execute(_sql.delete_sql(st), _transpose(moved))
+        cur.execute(_sql.delete_sql(st), transpose(moved))
     index = {c: i for i, c in enumerate(st.table.columns)}
     groups: dict[tuple[tuple[int, ...], bool], list[_Write]] = {}
     for w in writes:

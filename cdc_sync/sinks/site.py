@@ -42,8 +42,8 @@ from ..protocol import (
     ReplicaIdentity,
 )
 from . import _sql
-from ._arrays import pack_columns
-from ._plan import Run, by_table, plan_runs, sent_columns
+from ._arrays import pack_columns, transpose
+from ._plan import NEW_OF, OLD_OF, Run, by_table, one_table, plan_runs, sent_columns
 from ._rows import describe_change, key_dict
 from ._sql import SiteTable
 
@@ -259,21 +259,18 @@ class SiteWriter:
         rejected: list[tuple[Change, SiteError]] = []
         if len(segments) > 1 and self._replica_role:
             changes = by_table(changes)
-        n_changes = len(changes)
-        if n_changes and changes[0].table is not None and \
-                list(map(id, map(_TABLE, changes))).count(id(changes[0].table)) == n_changes:
-            # One table, row changes only (the rule for big transactions): one lookup.
+        only = one_table(changes)
+        if only is not None:
+            # One table, row changes only (the rule for big transactions): one lookup and no
+            # per-change loop.
             try:
-                st0 = self.site_table(changes[0].table)
+                st0 = self.site_table(only)
             except SiteError as exc:
-                st0 = None
                 rejected = [(ch, exc) for ch in changes]
-            if st0 is not None:
-                if st0.key:
-                    keys[st0.table.oid] = st0.key
-                    if st0.upsert and self.opts.resolver_for(st0.table.qualified) is None:
-                        compact.add(st0.table.oid)
-                wanted = list(changes)
+            else:
+                if st0 is not None:
+                    self._plan_table(st0, keys, compact)
+                    wanted = list(changes)
             changes = ()
         # Runs of changes to one table are the rule: look the table up once per run of it.
         last_table: Table | None = None
@@ -297,10 +294,8 @@ class SiteWriter:
                     last_table = None  # each change of it is rejected on its own
                     continue
                 take = st is not None
-                if st is not None and st.key:
-                    keys[st.table.oid] = st.key
-                    if st.upsert and self.opts.resolver_for(st.table.qualified) is None:
-                        compact.add(st.table.oid)
+                if st is not None:
+                    self._plan_table(st, keys, compact)
             if take:
                 wanted.append(ch)
         runs = list(plan_runs(wanted, keys, compact=compact))
@@ -348,6 +343,15 @@ class SiteWriter:
                     if seg_begin is not None:
                         self._write_outbox(cur, seg_begin, seg_changes)
         return n
+
+    def _plan_table(self, st: SiteTable, keys: dict[int, tuple[int, ...]],
+                    compact: set[int]) -> None:
+        """Tell the planner how `st`'s rows are identified (`keys`; absent: keyless) and whether
+        its whole-row updates of one key may be compacted (fast path only)."""
+        if st.key:
+            keys[st.table.oid] = st.key
+            if st.upsert and self.opts.resolver_for(st.table.qualified) is None:
+                compact.add(st.table.oid)
 
     def _needs_results(self, run: Run) -> bool:
         """Whether applying `run` reads results back (the resolving path does)."""
@@ -488,7 +492,7 @@ class SiteWriter:
                        begin: TxBegin | None) -> None:
         """Updates that found no row: insert the row when it was sent whole (source wins)."""
         new_keys = [tuple(c.new[i] for i in st.key) for c in run.changes]  # type: ignore[index]
-        cur.execute(_sql.existing_keys_sql(st), [list(c) for c in zip(*new_keys, strict=True)])
+        cur.execute(_sql.existing_keys_sql(st), transpose(new_keys))
         present = {tuple(r) for r in cur.fetchall()}
         missing = [c for c, k in zip(run.changes, new_keys, strict=True) if k not in present]
         whole = [c for c in missing if UNCHANGED_TOAST not in c.new]  # type: ignore[operator]
@@ -608,9 +612,6 @@ class SiteWriter:
 
 
 _Params = tuple[list[str] | None, list[list[Any]]]
-_NEW = itemgetter(3)  # Change fields, by position (Change is a NamedTuple)
-_OLD = itemgetter(4)
-_TABLE = itemgetter(2)
 # Runs' parameters, shared by the site workers: every site gets the same chunk objects
 # (decode once, fan out), so the columns are built and packed once per run, not per site.
 # Keyed by the run's changes tuple (identity, checked), its key and its value columns.
@@ -632,12 +633,12 @@ def run_params(changes: Sequence[Change], key: tuple[int, ...], cols: tuple[int,
         return hit[1]
     columns: list[list[Any]] = []
     if key:
-        olds = list(map(_OLD, changes))
+        olds = list(map(OLD_OF, changes))
         if olds.count(None):  # updates without an old key: the key did not change
             olds = [c.old if c.old is not None else c.new for c in changes]
         columns += [list(map(itemgetter(i), olds)) for i in key]
     if cols:
-        news = list(map(_NEW, changes))
+        news = list(map(NEW_OF, changes))
         columns += [list(map(itemgetter(i), news)) for i in cols]
     packed = pack_columns(columns)
     params: _Params = (packed, columns if packed is None else [])

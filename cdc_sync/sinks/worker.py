@@ -346,20 +346,14 @@ class SiteWorker(threading.Thread):
         if item.subxid != item.xid and item.subxid not in st.savepoints:
             w.savepoint(f"cdc_sub_{item.subxid}")
             st.savepoints.append(item.subxid)
-        before = w.dead_letters, w.conflicts
-        st.changes += w.apply(item.changes, st.begin)
-        self.dead_letters += w.dead_letters - before[0]
-        self.conflicts += w.conflicts - before[1]
+        st.changes += self._counted(w, lambda: w.apply(item.changes, st.begin))
 
     def _stream_abort(self, main: SiteWriter, item: TxStreamAbort) -> None:
         st = self._streams.get(item.xid)
         if st is None:
             return
         if item.subxid == item.xid:
-            del self._streams[item.xid]
-            self._release(st.conn)
-            if not self._streams:
-                main.set_lock_timeout(0)
+            self._end_stream(main, item.xid)
         elif item.subxid in st.savepoints:
             at = st.savepoints.index(item.subxid)
             st.conn.writer.rollback_to(f"cdc_sub_{item.subxid}")
@@ -367,21 +361,39 @@ class SiteWorker(threading.Thread):
 
     def _stream_commit(self, main: SiteWriter, item: TxStreamCommit, accepted: Lsn) -> bool:
         """Commit a streamed transaction (main must be idle); False if it was already applied."""
-        st = self._streams.pop(item.xid, None)
+        st = self._streams.get(item.xid)
         if st is None:
             return False
-        applied = False
-        if item.commit_lsn >= accepted:
-            st.conn.writer.commit(item.end_lsn, item.commit_ts)
-            self.durable_lsn = item.end_lsn
-            self.last_commit_ts = item.commit_ts
-            self.on_applied(self, st.changes, time.monotonic() - st.started)
-            self.applied_changes += st.changes
-            applied = True
+        applied = item.commit_lsn >= accepted
+        if applied:
+            self._commit(st.conn.writer, item.end_lsn, item.commit_ts, st.changes, st.started)
+        self._end_stream(main, item.xid)
+        return applied
+
+    def _end_stream(self, main: SiteWriter, xid: int) -> None:
+        """Forget streamed transaction `xid` (its connection rolls back what it did not commit);
+        with no stream left open, `main` waits for locks without limit again."""
+        st = self._streams.pop(xid)
         self._release(st.conn)
         if not self._streams:
             main.set_lock_timeout(0)
-        return applied
+
+    def _commit(self, writer: SiteWriter, lsn: Lsn, commit_ts: datetime, changes: int,
+                started: float) -> None:
+        """Commit `writer`'s target transaction at source position `lsn`, and account for it."""
+        writer.commit(lsn, commit_ts)
+        self.durable_lsn = lsn
+        self.last_commit_ts = commit_ts
+        self.on_applied(self, changes, time.monotonic() - started)
+        self.applied_changes += changes
+
+    def _counted(self, writer: SiteWriter, apply: Callable[[], int]) -> int:
+        """Run `apply` on `writer`; add the dead letters and conflicts it logged to ours."""
+        before = writer.dead_letters, writer.conflicts
+        n = apply()
+        self.dead_letters += writer.dead_letters - before[0]
+        self.conflicts += writer.conflicts - before[1]
+        return n
 
     def _sleep(self, failures: int) -> None:
         self._stopping.wait(backoff_delay(failures, BACKOFF_INITIAL, BACKOFF_MAX, jitter="equal"))
@@ -404,10 +416,8 @@ class SiteWorker(threading.Thread):
         def flush() -> None:
             nonlocal buffer, buffered, target_changes
             if buffer:
-                before = writer.dead_letters, writer.conflicts
-                target_changes += writer.apply_segments(buffer)
-                self.dead_letters += writer.dead_letters - before[0]
-                self.conflicts += writer.conflicts - before[1]
+                segments = buffer
+                target_changes += self._counted(writer, lambda: writer.apply_segments(segments))
                 buffer, buffered = [], 0
 
         def drop_buffer() -> None:
@@ -418,11 +428,7 @@ class SiteWorker(threading.Thread):
             nonlocal pending, pending_keepalive, target_changes
             flush()
             if pending is not None:
-                writer.commit(pending[0], pending[1])
-                self.durable_lsn = pending[0]
-                self.last_commit_ts = pending[1]
-                self.on_applied(self, target_changes, time.monotonic() - target_started)
-                self.applied_changes += target_changes
+                self._commit(writer, pending[0], pending[1], target_changes, target_started)
             else:
                 writer.rollback()
             if pending_keepalive is not None and self.durable_lsn is not None:

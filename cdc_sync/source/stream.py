@@ -3,8 +3,9 @@
 psycopg has no replication API; a `replication="database"` connection runs START_REPLICATION
 and the COPY_BOTH stream is read with `pgconn.get_copy_data(1)` (non-blocking) and written with
 `put_copy_data` / `flush`, waiting on the socket in between. This module only moves frames:
-`read` returns decoded `XLogData` / `PrimaryKeepalive` frames, `send_status` reports
-positions. It never acknowledges anything on its own: the caller decides what is flushed.
+`read_raw` returns the CopyData payloads (`decode_frame` turns one into an `XLogData` /
+`PrimaryKeepalive`), `send_status` reports positions. It never acknowledges anything on its
+own: the caller decides what is flushed.
 
 Connection problems raise `StreamLost` (retry), a slot used by another process `SlotBusy`,
 anything the server refuses for good `SourceError`.
@@ -142,16 +143,17 @@ class ReplicationStream:
         pg.nonblocking = 1
         log.info("streaming from slot %s at %s", self.slot, start)
 
-    def read(self, timeout: float) -> list[XLogData | PrimaryKeepalive]:
-        """Frames available now, waiting up to `timeout` seconds for the first one."""
+    @staticmethod
+    def decode_frame(data: bytes) -> XLogData | PrimaryKeepalive:
+        """One payload of `read_raw` decoded; a malformed one raises `StreamLost`."""
         try:
-            return [decode_copy_data(data) for data in self.read_raw(timeout)]
+            return decode_copy_data(data)
         except ProtocolError as exc:
             raise StreamLost(f"source: malformed replication data: {exc}") from exc
 
     def read_raw(self, timeout: float) -> list[bytes]:
-        """The CopyData payloads available now (for `decode_copy_data`, or sliced directly on
-        the hot path), waiting up to `timeout` seconds for the first one."""
+        """The CopyData payloads available now (XLogData or keepalive: `decode_copy_data`, or
+        sliced directly on the hot path), waiting up to `timeout` seconds for the first one."""
         pg = self._pgconn()
         frames: list[bytes] = []
         waited = False
