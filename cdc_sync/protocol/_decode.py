@@ -163,7 +163,6 @@ def decode_row(buf: bytes, streamed: bool = False) -> RowData:
     The same checks and errors as `decode_message` (offsets from the tag byte); with
     `streamed`, the message comes from a block of streamed changes and carries an xid.
     """
-    tag = buf[0]
     xid: int | None = None
     start = 1
     if streamed:
@@ -171,13 +170,29 @@ def decode_row(buf: bytes, streamed: bool = False) -> RowData:
             raise _short("streamed transaction xid", 1, 4, buf)
         (xid,) = _XID.unpack_from(buf, 1)
         start = 5
-    name = "Insert" if tag == 0x49 else "Update" if tag == 0x55 else "Delete"
+    tag, oid, action, old, new, pos = _read_row(buf, start)
+    if pos != len(buf):
+        raise ProtocolError(f"{len(buf) - pos} trailing byte(s) after {_ROW_NAMES[tag]}", pos)
+    return xid, tag, oid, action, old, new
+
+
+_ROW_NAMES: Final = {0x49: "Insert", 0x55: "Update", 0x44: "Delete"}
+
+
+def _read_row(buf: bytes, start: int
+              ) -> tuple[int, int, int, TupleData | None, TupleData | None, int]:
+    """`logicalrep_read_insert/update/delete` from `start` (after the tag and any xid): (tag,
+    relation oid, old-tuple marker, old tuple, new tuple, offset after the message)."""
+    tag = buf[0]
+    name = _ROW_NAMES.get(tag)
+    if name is None:
+        raise ProtocolError(f"not a row change: tag {buf[:1]!r}", 0)
     if len(buf) < start + 5:
         raise _short(name, start, 5, buf)
     oid, action = _OID_ACTION.unpack_from(buf, start)
     old: TupleData | None = None
     new: TupleData | None = None
-    if tag == 0x55:  # 'U'
+    if tag == 0x55:  # 'U': optional 'K' or 'O' + TupleData, then 'N' + TupleData
         if action == _N:
             new, pos = _read_tuple(buf, start + 5)
         else:
@@ -188,18 +203,14 @@ def decode_row(buf: bytes, streamed: bool = False) -> RowData:
             if buf[pos] != _N:
                 raise ProtocolError(f"Update: expected 'N', got {buf[pos:pos + 1]!r}", pos)
             new, pos = _read_tuple(buf, pos + 1)
-    elif tag == 0x49:  # 'I'
+    elif tag == 0x49:  # 'I': 'N' + TupleData
         if action != _N:
             raise ProtocolError(f"Insert: expected 'N', got {bytes((action,))!r}", start + 4)
         new, pos = _read_tuple(buf, start + 5)
-    elif tag == 0x44:  # 'D'
+    else:  # 'D': 'K' or 'O' + TupleData
         _old_kind(action, start + 4, "Delete")
         old, pos = _read_tuple(buf, start + 5)
-    else:
-        raise ProtocolError(f"not a row change: tag {buf[:1]!r}", 0)
-    if pos != len(buf):
-        raise ProtocolError(f"{len(buf) - pos} trailing byte(s) after {name}", pos)
-    return xid, tag, oid, action, old, new
+    return tag, oid, action, old, new, pos
 
 
 # --- shared readers ----------------------------------------------------------------------------
@@ -383,42 +394,25 @@ def _decode_origin(buf: bytes) -> tuple[Origin, int]:
 
 
 def _decode_insert(buf: bytes) -> tuple[Insert, int]:
-    # logicalrep_read_insert: relation oid int32, 'N', TupleData
-    if len(buf) < 6:
-        raise _short("Insert", 1, 5, buf)
-    oid, action = _OID_ACTION.unpack_from(buf, 1)
-    if action != _N:
-        raise ProtocolError(f"Insert: expected 'N', got {bytes((action,))!r}", 5)
-    new, pos = _read_tuple(buf, 6)
+    # logicalrep_read_insert: relation oid int32, 'N', TupleData (see _read_row)
+    _tag, oid, _action, _old, new, pos = _read_row(buf, 1)
+    assert new is not None
     return _new_insert(oid, new), pos
 
 
 def _decode_update(buf: bytes) -> tuple[Update, int]:
     # logicalrep_read_update: relation oid, optional 'K' or 'O' + TupleData, 'N' + TupleData
-    if len(buf) < 6:
-        raise _short("Update", 1, 5, buf)
-    oid, action = _OID_ACTION.unpack_from(buf, 1)
-    if action == _N:
-        new, pos = _read_tuple(buf, 6)
-        return _new_update(oid, None, None, new), pos
-    old_kind = _old_kind(action, 5, "Update")
-    old, pos = _read_tuple(buf, 6)
-    if pos >= len(buf):
-        raise _short("Update new-tuple marker", pos, 1, buf)
-    if buf[pos] != _N:
-        raise ProtocolError(f"Update: expected 'N', got {buf[pos:pos + 1]!r}", pos)
-    new, pos = _read_tuple(buf, pos + 1)
+    _tag, oid, action, old, new, pos = _read_row(buf, 1)
+    assert new is not None
+    old_kind = None if action == _N else _old_kind(action, 5, "Update")
     return _new_update(oid, old_kind, old, new), pos
 
 
 def _decode_delete(buf: bytes) -> tuple[Delete, int]:
     # logicalrep_read_delete: relation oid, 'K' or 'O', TupleData
-    if len(buf) < 6:
-        raise _short("Delete", 1, 5, buf)
-    oid, action = _OID_ACTION.unpack_from(buf, 1)
-    old_kind = _old_kind(action, 5, "Delete")
-    old, pos = _read_tuple(buf, 6)
-    return _new_delete(oid, old_kind, old), pos
+    _tag, oid, action, old, _new, pos = _read_row(buf, 1)
+    assert old is not None
+    return _new_delete(oid, _old_kind(action, 5, "Delete"), old), pos
 
 
 def _decode_truncate(buf: bytes) -> tuple[Truncate, int]:
