@@ -1,0 +1,57 @@
+"""Grouping small transactions never holds a complete one back when the source is idle.
+
+A site worker groups consecutive small source transactions into one target transaction while
+more are queued. A `Keepalive` says the source has sent everything: a group still open then
+commits at once. (It used to stay open for `group_max_seconds` whenever the walsender's
+keepalive was queued behind the commit, adding 0.5 s to the last transaction of every burst.)
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from cdc_sync.changes import Change, Op, ReplicaIdentity, Table, TxBegin, TxChanges, TxCommit
+from cdc_sync.protocol import Lsn
+from cdc_sync.sinks.schema import migrate_site
+from cdc_sync.sinks.worker import Keepalive, SiteWorker, WorkItem
+
+from .conftest import Env
+from .helpers import execute, scalar, wait_for
+
+T = Table(16384, "public", "t", ("id", "v"), (23, 25), (-1, -1), (0,), ReplicaIdentity.DEFAULT)
+
+
+def _queue_at_once(worker: SiteWorker, items: list[WorkItem]) -> None:
+    """Queue `items` so the worker sees them all queued when it takes the first."""
+    q = worker.queue
+    with q.mutex:
+        q.queue.extend(items)
+        q.unfinished_tasks += len(items)
+        q.not_empty.notify()
+
+
+def test_a_keepalive_behind_a_commit_commits_the_group_at_once(env: Env) -> None:
+    site = env.sites[0]
+    migrate_site(site)
+    execute(site, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    worker = SiteWorker("a", site, "hq", group_max_seconds=60.0)
+    worker.start()
+    try:
+        assert worker.ready.wait(30)
+        now = datetime.now(UTC)
+        insert = Change(Op.INSERT, 0, T, ("1", "a"))
+        started = time.monotonic()
+        _queue_at_once(worker, [
+            TxBegin(700, Lsn(0x1000), now, None),
+            TxChanges((insert,)),
+            TxCommit(Lsn(0x1000), Lsn(0x1008), now),
+            Keepalive(Lsn(0x2000)),
+        ])
+        wait_for(lambda: scalar(site, "SELECT count(*) FROM t") == 1, 20,
+                 "the grouped transaction to commit")
+        assert time.monotonic() - started < 10, "held back until group_max_seconds"
+        assert worker.durable_lsn == Lsn(0x2000)
+    finally:
+        worker.stop()
+        worker.join(30)
