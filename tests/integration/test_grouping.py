@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from cdc_sync.changes import Change, Op, ReplicaIdentity, Table, TxBegin, TxChanges, TxCommit
-from cdc_sync.protocol import Lsn
+from cdc_sync.changes import Change, Op, Table, TxBegin, TxChanges, TxCommit
+from cdc_sync.protocol import Lsn, ReplicaIdentity
 from cdc_sync.sinks.schema import migrate_site
 from cdc_sync.sinks.worker import Keepalive, SiteWorker, WorkItem
 
