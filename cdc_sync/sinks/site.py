@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +30,7 @@ from operator import itemgetter
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
 from ..changes import UNCHANGED_TOAST, Change, Op, Table, TxBegin
@@ -42,6 +43,7 @@ from ..protocol import (
     ReplicaIdentity,
 )
 from . import _sql
+from ._ahead import AheadPipe, Outcome, Statement, dollar_params
 from ._arrays import pack_columns, transpose
 from ._plan import NEW_OF, OLD_OF, Run, by_table, one_table, plan_runs, sent_columns
 from ._rows import describe_change, key_dict
@@ -62,6 +64,11 @@ SESSION_OPTIONS = (
 SITE_SESSION_OPTIONS = SESSION_OPTIONS + " -c enable_hashjoin=off -c enable_mergejoin=off"
 
 TableFilter = Callable[[Table], bool]
+
+# A chunk of at least this many changes to keyed tables on the fast path is sent ahead of the
+# previous chunk's results (`SiteWriter._send_ahead`); smaller ones are not worth a savepoint's
+# round trip at the next boundary.
+AHEAD_MIN_CHANGES = 1000
 TOMBSTONE_PURGE_INTERVAL = 60.0
 
 
@@ -105,6 +112,24 @@ class SiteOptions:
     tombstone_max_age: float = 7 * 86_400.0
 
 
+@dataclass(frozen=True, slots=True)
+class _AheadBatch:
+    """A chunk sent ahead: its runs, its transaction, and its update row-count checks
+    (statement index in the batch, run, rows expected)."""
+
+    runs: list[Run]
+    begin: TxBegin | None
+    checks: list[tuple[int, Run, int]]
+
+
+def _raise_transient(outcomes: Sequence[Outcome]) -> None:
+    """Raise the first error of a batch when it is not about the data (a lost connection, a
+    lock conflict): the worker's retry handles those, not dead letters."""
+    for o in outcomes:
+        if o.error is not None and not is_data_error(o.error):
+            raise o.error
+
+
 class SiteWriter:
     """One site connection and the cache of its table descriptions (see module docstring)."""
 
@@ -123,6 +148,13 @@ class SiteWriter:
         self._dirty = False  # the open target transaction holds applied changes
         self._deferred: list[Callable[[], None]] | None = None
         self._queries: dict[tuple[Any, ...], str] = {}
+        # Chunks sent ahead of their results (see `_send_ahead`).
+        self.ahead_min_changes = AHEAD_MIN_CHANGES
+        self._pipe: AheadPipe | None = None
+        self._ahead: deque[_AheadBatch] = deque()
+        self._ahead_sp = False  # savepoint cdc_ahead exists (before the latest batch sent)
+        self._dollar: dict[str, bytes] = {}
+        self.sent_ahead = 0  # batches sent ahead so far
         # Under session_replication_role = replica (no FK checks, no triggers) changes of
         # different tables in one batch may be applied table by table.
         with conn.cursor() as cur:
@@ -178,6 +210,7 @@ class SiteWriter:
         self._in_tx = True
 
     def commit(self, lsn: Lsn, commit_ts: datetime | None) -> None:
+        self._settle()
         # One round trip: progress and COMMIT travel together (pipeline mode).
         with self.conn.pipeline(), self.conn.cursor() as cur:
             now = time.monotonic()
@@ -192,11 +225,14 @@ class SiteWriter:
                             (str(lsn), commit_ts))
             cur.execute(_sql.PROGRESS_UPSERT, (self.source, str(lsn), commit_ts))
             self.conn.commit()
-        self._in_tx = self._dirty = False
+        self._in_tx = self._dirty = self._ahead_sp = False
 
     def rollback(self) -> None:
-        self._in_tx = self._dirty = False
+        self._in_tx = self._dirty = self._ahead_sp = False
         try:
+            if self._pipe is not None:
+                self._ahead.clear()
+                self._pipe.discard()
             self.conn.rollback()
         except psycopg.OperationalError:
             pass
@@ -209,11 +245,13 @@ class SiteWriter:
 
     def savepoint(self, name: str) -> None:
         """A named savepoint in the open transaction (a streamed subtransaction starts)."""
+        self._settle(release=True)
         self.conn.execute(sql.SQL("SAVEPOINT {}").format(sql.Identifier(name)))
         self._dirty = True  # chunks after it need their own savepoint, never a full rollback
 
     def rollback_to(self, name: str) -> None:
         """Undo everything since `savepoint(name)` (a streamed subtransaction rolled back)."""
+        self._settle(release=True)
         self.conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(sql.Identifier(name)))
 
     def set_lock_timeout(self, milliseconds: int) -> None:
@@ -299,6 +337,17 @@ class SiteWriter:
             if take:
                 wanted.append(ch)
         runs = list(plan_runs(wanted, keys, compact=compact))
+        if not rejected and len(segments) <= 1:
+            ahead = self._ahead_statements(runs)
+            if ahead is not None:
+                return self._send_ahead(runs, begin, *ahead)
+        self._settle()
+        return self._run_chunk(runs, begin, rejected, segments)
+
+    def _run_chunk(self, runs: Sequence[Run], begin: TxBegin | None,
+                   rejected: Sequence[tuple[Change, SiteError]],
+                   segments: Sequence[tuple[TxBegin | None, Sequence[Change]]]) -> int:
+        """Apply `runs` now (nothing sent ahead is outstanding), isolating data errors."""
         n = 0
         # Runs that need no result back are sent in pipeline mode: one round trip for the
         # chunk. The first chunk of a target transaction needs no savepoint: on a data error
@@ -343,6 +392,118 @@ class SiteWriter:
                     if seg_begin is not None:
                         self._write_outbox(cur, seg_begin, seg_changes)
         return n
+
+    # -- chunks sent ahead of their results ---------------------------------------------------
+    # A big chunk on the fast path is sent without waiting for the previous one's results, so
+    # the site never idles between chunks. Each batch is "RELEASE SAVEPOINT cdc_ahead" (the
+    # previous batch's), "SAVEPOINT cdc_ahead", then its statements; at most two batches are
+    # outstanding. When a batch's results show trouble, the later batch is rolled back with it
+    # (an error: the server skipped the later batch, and cdc_ahead still marks the start of the
+    # failed one) or on its own (only updates that found no row: cdc_ahead marks the start of
+    # the later one); then the batch is settled as `_run_chunk` does it (dead letters, missing
+    # rows) and the later batch applied again.
+    def _ahead_statements(self, runs: Sequence[Run]
+                          ) -> tuple[list[Statement], list[tuple[int, Run, int]]] | None:
+        """The statements of a chunk that may be sent ahead, with the update row-count checks
+        (statement index, run, rows expected); None when it must be applied now."""
+        if self.opts.outbox is not None:
+            return None
+        statements: list[Statement] = []
+        checks: list[tuple[int, Run, int]] = []
+        total = 0
+        for run in runs:
+            if run.op not in (Op.INSERT, Op.UPDATE, Op.DELETE) or run.table is None:
+                return None
+            st = self._site_table_or_none(run.table)
+            if st is None or not st.key or self.opts.resolver_for(st.table.qualified) is not None:
+                return None
+            total += len(run.changes)
+            if run.op is Op.INSERT:
+                kind, cols = "insert", tuple(range(len(st.table.columns)))
+                packed, _ = run_params(run.changes, (), cols)
+            elif run.op is Op.UPDATE:
+                kind, cols = "update", tuple(run.columns)
+                packed, _ = run_params(run.changes, st.key, cols)
+            else:
+                kind, cols = "delete", ()
+                packed, _ = run_params(run.changes, st.key, ())
+            if packed is None:
+                return None
+            query = self._query(st, kind, cols, True)
+            text = self._dollar.get(query)
+            if text is None:
+                text = self._dollar[query] = dollar_params(query)
+            if run.op is Op.UPDATE:
+                checks.append((len(statements), run, len(run.changes)))
+            statements.append((text, [p.encode() for p in packed]))
+        if total < self.ahead_min_changes:
+            return None
+        return statements, checks
+
+    def _send_ahead(self, runs: Sequence[Run], begin: TxBegin | None,
+                    statements: list[Statement], checks: list[tuple[int, Run, int]]) -> int:
+        if self._pipe is None:
+            self._pipe = AheadPipe(self.conn)
+        head: list[Statement] = []
+        if not self._ahead and self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            head.append((b"BEGIN", None))  # what psycopg sends before a first statement
+        if self._ahead_sp:
+            head.append((b"RELEASE SAVEPOINT cdc_ahead", None))
+        head.append((b"SAVEPOINT cdc_ahead", None))
+        offset = len(head)
+        batch = _AheadBatch(list(runs), begin,
+                            [(offset + i, run, rows) for i, run, rows in checks])
+        self._pipe.send(head + statements)
+        self.sent_ahead += 1
+        self._ahead.append(batch)
+        self._ahead_sp = self._dirty = True
+        if len(self._ahead) > 1:
+            self._settle_oldest()
+        return sum(len(run.changes) for run in runs)
+
+    def _settle(self, release: bool = False) -> None:
+        """Settle every batch sent ahead, so the connection can be used through psycopg; with
+        `release`, drop savepoint cdc_ahead too (before a savepoint of the caller's is made or
+        rolled back to: it must not be nested in ours)."""
+        while self._ahead:
+            self._settle_oldest()
+        if self._pipe is not None:
+            self._pipe.close()
+        if release and self._ahead_sp:
+            self.conn.execute("RELEASE SAVEPOINT cdc_ahead")
+            self._ahead_sp = False
+
+    def _settle_oldest(self) -> None:
+        assert self._pipe is not None
+        batch = self._ahead.popleft()
+        outcomes = self._pipe.collect()
+        failed = not all(o.ok for o in outcomes)
+        missing = [run for i, run, rows in batch.checks
+                   if outcomes[i].ok and outcomes[i].rows != rows]
+        if not failed and not missing:
+            return
+        later = list(self._ahead)
+        self._ahead.clear()
+        for _ in later:
+            self._pipe.collect()
+        self._pipe.close()
+        with self.conn.cursor() as cur:
+            if failed:  # cdc_ahead: before `batch`; the server skipped everything after it
+                _raise_transient(outcomes)
+                cur.execute("ROLLBACK TO SAVEPOINT cdc_ahead")
+                self._run_chunk(batch.runs, batch.begin, (), ())
+            else:  # cdc_ahead: before the later batch, if any
+                if later:
+                    cur.execute("ROLLBACK TO SAVEPOINT cdc_ahead")
+                for run in missing:
+                    assert run.table is not None
+                    st = self.site_table(run.table)
+                    assert st is not None
+                    self._write_missing(cur, st, run, batch.begin)
+            for b in later:
+                self._run_chunk(b.runs, b.begin, (), ())
+            cur.execute("RELEASE SAVEPOINT cdc_ahead")
+        self._ahead_sp = False
 
     def _plan_table(self, st: SiteTable, keys: dict[int, tuple[int, ...]],
                     compact: set[int]) -> None:
@@ -571,6 +732,7 @@ class SiteWriter:
         self._tables.clear()
 
     def _describe(self, table: Table) -> SiteTable:
+        self._settle()
         with self.conn.cursor() as cur:
             cur.execute("SAVEPOINT cdc_describe")
             cur.execute(_sql.SITE_COLUMNS, (table.schema, table.name))

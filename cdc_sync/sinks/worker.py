@@ -380,8 +380,14 @@ class SiteWorker(threading.Thread):
 
     def _commit(self, writer: SiteWriter, lsn: Lsn, commit_ts: datetime, changes: int,
                 started: float) -> None:
-        """Commit `writer`'s target transaction at source position `lsn`, and account for it."""
-        writer.commit(lsn, commit_ts)
+        """Commit `writer`'s target transaction at source position `lsn`, and account for it
+        (chunks sent ahead are settled by the commit: count their dead letters)."""
+
+        def commit() -> int:
+            writer.commit(lsn, commit_ts)
+            return 0
+
+        self._counted(writer, commit)
         self.durable_lsn = lsn
         self.last_commit_ts = commit_ts
         self.on_applied(self, changes, time.monotonic() - started)

@@ -1,0 +1,161 @@
+"""Chunks sent ahead of their results (`SiteWriter._send_ahead`, `_ahead.AheadPipe`).
+
+A big chunk on the fast path is sent before the previous chunk's results are read. These tests
+apply chunks to a real site through `SiteWriter` with a low `ahead_min_changes`, and check that
+the path is taken and that everything the synchronous path guarantees still holds when the
+trouble shows up one chunk late: a rejected change becomes a dead letter and nothing else is
+lost, an update that finds no row inserts it before a later chunk updates it again, a rollback
+or a subtransaction rollback undoes chunks still in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+import pytest
+from integration.helpers import connect, execute, scalar
+
+from cdc_sync.changes import Change, Op, Table
+from cdc_sync.protocol import Lsn, ReplicaIdentity
+from cdc_sync.sinks._ahead import dollar_params
+from cdc_sync.sinks.schema import migrate_site
+from cdc_sync.sinks.site import SiteWriter, connect_site
+
+ITEM = Table(16384, "public", "item", ("id", "qty"), (23, 23), (-1, -1), (0,),
+             ReplicaIdentity.DEFAULT)
+ROWS = 60  # rows in the site table
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_dollar_params() -> None:
+    assert dollar_params('SELECT %s, "a%%b", %s') == b'SELECT $1, "a%b", $2'
+
+
+@pytest.fixture
+def site(make_db: Callable[..., str]) -> str:
+    dsn = make_db("ahead")
+    migrate_site(dsn)
+    execute(dsn, "CREATE TABLE item (id int PRIMARY KEY, qty int NOT NULL CHECK (qty >= 0))",
+            "INSERT INTO item SELECT g, 0 FROM generate_series(1, 60) g")
+    return dsn
+
+
+@pytest.fixture
+def writer(site: str) -> Iterator[SiteWriter]:
+    w = SiteWriter(connect_site(site), "src")
+    w.ahead_min_changes = 10
+    yield w
+    w.conn.close()
+
+
+def updates(ids: range, qty: Callable[[int], int]) -> list[Change]:
+    return [Change(Op.UPDATE, i, ITEM, (str(i), str(qty(i)))) for i in ids]
+
+
+def qty(dsn: str) -> dict[int, int]:
+    with connect(dsn) as conn:
+        return dict(conn.execute("SELECT id, qty FROM item").fetchall())
+
+
+def dead_ids(dsn: str) -> list[int]:
+    return [int(k) for k in scalar(
+        dsn, "SELECT coalesce(array_agg((key->>'id') ORDER BY id), '{}') FROM cdc_sync.dead_letters")]
+
+
+def test_big_chunks_are_sent_ahead_and_all_applied(site: str, writer: SiteWriter) -> None:
+    writer.begin()
+    for start in range(1, ROWS + 1, 20):
+        writer.apply(updates(range(start, start + 20), lambda i: i * 10))
+    assert writer.sent_ahead == 3
+    writer.commit(Lsn(0x100), NOW)
+    assert qty(site) == {i: i * 10 for i in range(1, ROWS + 1)}
+    assert scalar(site, "SELECT applied_lsn::text FROM cdc_sync.progress") == "0/100"
+
+
+def test_small_chunks_are_applied_at_once(site: str, writer: SiteWriter) -> None:
+    writer.begin()
+    writer.apply(updates(range(1, 6), lambda i: 1))
+    writer.commit(Lsn(0x100), NOW)
+    assert writer.sent_ahead == 0
+    assert qty(site)[5] == 1
+
+
+def test_a_rejected_change_in_a_chunk_sent_ahead_is_a_dead_letter(
+        site: str, writer: SiteWriter) -> None:
+    writer.begin()
+    writer.apply(updates(range(1, 21), lambda i: -1 if i == 7 else 5))
+    writer.apply(updates(range(21, 41), lambda i: 6))  # sent before chunk 1's error is read
+    writer.apply(updates(range(41, 61), lambda i: 7))
+    writer.commit(Lsn(0x100), NOW)
+    assert dead_ids(site) == [7]
+    assert writer.dead_letters == 1
+    expected = {i: 5 if i <= 20 else 6 if i <= 40 else 7 for i in range(1, ROWS + 1)}
+    expected[7] = 0
+    assert qty(site) == expected
+
+
+def test_missing_rows_are_inserted_before_the_next_chunk_updates_them(
+        site: str, writer: SiteWriter) -> None:
+    execute(site, "DELETE FROM item WHERE id IN (5, 6)")
+    writer.begin()
+    writer.apply(updates(range(1, 21), lambda i: 100 + i))  # 5 and 6 missing: inserted
+    writer.apply(updates(range(1, 21), lambda i: 200 + i))  # then updated again, in order
+    writer.commit(Lsn(0x100), NOW)
+    rows = qty(site)
+    assert all(rows[i] == 200 + i for i in range(1, 21)), rows
+    assert scalar(site, "SELECT count(*) FROM cdc_sync.conflicts WHERE kind = 'update_missing'") == 2
+
+
+def test_missing_rows_then_a_rejected_change_in_the_later_chunk(
+        site: str, writer: SiteWriter) -> None:
+    execute(site, "DELETE FROM item WHERE id = 5")
+    writer.begin()
+    writer.apply(updates(range(1, 21), lambda i: 1))
+    writer.apply(updates(range(21, 41), lambda i: -1 if i == 30 else 2))
+    writer.commit(Lsn(0x100), NOW)
+    rows = qty(site)
+    assert rows[5] == 1 and rows[30] == 0
+    assert all(rows[i] == 2 for i in range(21, 41) if i != 30)
+    assert dead_ids(site) == [30]
+
+
+def test_rollback_drops_chunks_in_flight(site: str, writer: SiteWriter) -> None:
+    writer.begin()
+    writer.apply(updates(range(1, 21), lambda i: 9))
+    writer.apply(updates(range(21, 41), lambda i: 9))
+    writer.rollback()
+    assert set(qty(site).values()) == {0}
+    writer.begin()
+    writer.apply(updates(range(41, 61), lambda i: 3))
+    writer.commit(Lsn(0x100), NOW)
+    assert [q for q in qty(site).values() if q] == [3] * 20
+
+
+def test_subtransaction_rollback_undoes_chunks_in_flight(site: str, writer: SiteWriter) -> None:
+    writer.begin()
+    writer.apply(updates(range(1, 21), lambda i: 1))
+    writer.savepoint("cdc_sub_1")
+    writer.apply(updates(range(21, 41), lambda i: 2))
+    writer.apply(updates(range(41, 61), lambda i: 3))
+    writer.rollback_to("cdc_sub_1")
+    writer.apply(updates(range(41, 61), lambda i: 4))
+    writer.commit(Lsn(0x100), NOW)
+    rows = qty(site)
+    assert [rows[i] for i in (1, 21, 41)] == [1, 0, 4]
+    assert writer.sent_ahead == 4
+
+
+def test_a_table_first_described_inside_a_later_pipelined_chunk(
+        site: str, writer: SiteWriter) -> None:
+    """A table met for the first time while psycopg's own pipeline is open (a TRUNCATE run),
+    after chunks were sent ahead: describing it must not touch psycopg's pipeline."""
+    other = Table(16385, "public", "other", ("id",), (23,), (-1,), (0,), ReplicaIdentity.DEFAULT)
+    execute(site, "CREATE TABLE other (id int PRIMARY KEY)", "INSERT INTO other VALUES (1)")
+    writer.begin()
+    writer.apply(updates(range(1, 21), lambda i: 1))
+    writer.apply(updates(range(21, 41), lambda i: 2))
+    writer.apply([Change(Op.TRUNCATE, 0, truncated=(other,))])
+    writer.commit(Lsn(0x100), NOW)
+    assert scalar(site, "SELECT count(*) FROM other") == 0
+    assert qty(site)[40] == 2
