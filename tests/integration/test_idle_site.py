@@ -33,6 +33,7 @@ def test_idle_worker_reconnects_after_its_connection_is_killed(env: Env) -> None
         # No change reaches the site meanwhile: only the idle check can find the loss.
         wait_for(lambda: scalar(site, MAIN_CONNECTION) not in (None, before), 20,
                  "the idle worker to reconnect on its own")
-        assert pipe.workers[0].connected
+        # (the new session shows before the worker has read its progress and says connected)
+        wait_for(lambda: pipe.workers[0].connected, 10, "the worker to report connected")
         execute(env.source, "INSERT INTO t VALUES (2, 'b')")
         assert_converged(settings, pipe, timeout=30)
