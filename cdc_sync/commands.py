@@ -107,9 +107,13 @@ def _tombstone_policy(settings: Settings | None, site: SiteSettings,
     """(whether local deletes need tombstones, the version column) for `t` at `site`."""
     if settings is None:
         return False, None
+    policy = settings.conflicts.for_table(t.qualified)
+    if policy.strategy == "source_wins" and not policy.counters:
+        # The default policy never reads local rows (`PolicyResolver.needs_local_rows`, kept
+        # equal by tests/test_commands_init.py): no need to import the resolvers for it.
+        return False, policy.version_column
     from .resolve import make_resolver
 
-    policy = settings.conflicts.for_table(t.qualified)
     return make_resolver(policy, site=site.name).needs_local_rows, policy.version_column
 
 

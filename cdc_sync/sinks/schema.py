@@ -30,7 +30,6 @@ Contract:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import io
@@ -418,6 +417,8 @@ def _reason(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m cdc_sync.sinks.schema --render-head-sql [--check]`."""
+    import argparse  # only this tool uses it: not on `init`'s path
+
     parser = argparse.ArgumentParser(prog="python -m cdc_sync.sinks.schema")
     parser.add_argument("--render-head-sql", action="store_true", required=True,
                         help=f"render base -> head with alembic into {HEAD_SQL.name}")
