@@ -9,6 +9,7 @@ so it is written for speed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -161,6 +162,13 @@ def one_table(changes: Sequence[Change]) -> Table | None:
     return table
 
 
+# Every site plans the same chunk: the single-run verdict is computed once per chunk and
+# table key, for all of them (the chunk is held with it, so its id cannot be reused meanwhile).
+_SHARED_SINGLE: dict[tuple[int, tuple[int, ...] | None], tuple[Sequence[Change], Run | None]] = {}
+_SHARED_SINGLE_MAX = 8
+_single_lock = threading.Lock()
+
+
 def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Run | None:
     """The whole chunk as one run, when that is plain to see (the common case of a big
     transaction): one op on one keyed table, distinct keys, whole rows, no key changes. None
@@ -168,8 +176,22 @@ def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> 
     table = one_table(changes)  # row changes only: truncates and messages have no table
     if table is None:
         return None
-    op = changes[0].op
     key = keys.get(table.oid)
+    cache_key = (id(changes), key)
+    hit = _SHARED_SINGLE.get(cache_key)
+    if hit is not None and hit[0] is changes:
+        return hit[1]
+    run = _whole_chunk_run(changes, table, key)
+    with _single_lock:
+        if len(_SHARED_SINGLE) >= _SHARED_SINGLE_MAX:
+            _SHARED_SINGLE.pop(next(iter(_SHARED_SINGLE)))
+        _SHARED_SINGLE[cache_key] = (changes, run)
+    return run
+
+
+def _whole_chunk_run(changes: Sequence[Change], table: Table, key: tuple[int, ...] | None
+                     ) -> Run | None:
+    op = changes[0].op
     n = len(changes)
     # Whole-chunk checks in C (map/itemgetter, list.count) instead of per-change Python loops.
     if key is None or list(map(_OP, changes)).count(op) != n:
@@ -190,6 +212,7 @@ def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> 
         distinct = len(set(map(itemgetter(*key), rows)))
     if distinct != n:
         return None
+    # (a tuple stays the same object: run_params' cache across sites is keyed by it)
     return Run(op, table, tuple(changes), cols)
 
 

@@ -292,6 +292,7 @@ class SiteWriter:
     def _apply(self, changes: Sequence[Change], begin: TxBegin | None,
                segments: Sequence[tuple[TxBegin | None, Sequence[Change]]]) -> int:
         wanted: list[Change] = []
+        whole: Sequence[Change] = ()  # the chunk itself, when all of it is wanted
         keys: dict[int, tuple[int, ...]] = {}
         compact: set[int] = set()
         rejected: list[tuple[Change, SiteError]] = []
@@ -308,7 +309,9 @@ class SiteWriter:
             else:
                 if st0 is not None:
                     self._plan_table(st0, keys, compact)
-                    wanted = list(changes)
+                    # the chunk itself (not a copy): the plan and the run parameters are
+                    # computed once for every site, keyed by the chunk's identity
+                    whole = changes
             changes = ()
         # Runs of changes to one table are the rule: look the table up once per run of it.
         last_table: Table | None = None
@@ -336,7 +339,7 @@ class SiteWriter:
                     self._plan_table(st, keys, compact)
             if take:
                 wanted.append(ch)
-        runs = list(plan_runs(wanted, keys, compact=compact))
+        runs = list(plan_runs(whole or wanted, keys, compact=compact))
         if not rejected and len(segments) <= 1:
             ahead = self._ahead_statements(runs)
             if ahead is not None:

@@ -186,3 +186,18 @@ def test_fast_path_on_handmade_chunks() -> None:
     # Tables are compared by identity, as the general planner does.
     assert _plan._single_run([ins(1), other], KEYS) is None
     assert [len(r.changes) for r in plan_runs([ins(1), other], KEYS)] == [1, 1]
+
+
+def test_a_chunk_is_planned_once_for_every_site() -> None:
+    """Every site plans the same chunk: the second plan is the first one's run, holding the
+    chunk itself, so the run parameters built from it are shared too (`site.run_params`)."""
+    from cdc_sync.sinks.site import run_params
+
+    chunk = tuple(Change(Op.UPDATE, i, T, (str(i), f"v{i}", "b")) for i in range(100))
+    (first,) = plan_runs(chunk, KEYS)
+    (second,) = plan_runs(chunk, KEYS)
+    assert first is second and first.changes is chunk
+    assert run_params(first.changes, (0,), first.columns) is run_params(second.changes, (0,),
+                                                                          second.columns)
+    (third,) = plan_runs(list(chunk), KEYS)
+    assert third is not first and third.changes == chunk
