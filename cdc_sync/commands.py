@@ -212,7 +212,8 @@ def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], s
                 if on_progress is not None:
                     on_progress(site.name, _t, n)
 
-            total += copy_table(src, dst, t, merge=merge, on_rows=rows_cb,
+            total += copy_table(src, dst, t, merge=merge,
+                                on_rows=rows_cb if on_progress is not None else None,
                                 defer_indexes=not merge)
         if migration is not None:
             migration.result()

@@ -161,19 +161,23 @@ def _relay(src: psycopg.Connection[Any], query: bytes, write: Callable[[bytearra
         _raise(src, res)
     block = bytearray()
     messages = reported = 0
+    get = pg.get_copy_data
     try:
         while True:
-            n, data = pg.get_copy_data(1)
+            n, data = get(1)
             if n > 0:
                 block += data
-                if n != 2 or bytes(data) != BINARY_TRAILER:
-                    messages += 1
-                if len(block) >= COPY_BLOCK:
-                    write(block)
-                    block = bytearray()
-                    if on_rows is not None:
+                if on_rows is not None:  # (the loop runs once per row: nothing else in it)
+                    if n != 2 or bytes(data) != BINARY_TRAILER:
+                        messages += 1
+                    if len(block) >= COPY_BLOCK:
+                        write(block)
+                        block = bytearray()
                         on_rows(messages - reported)
                         reported = messages
+                elif len(block) >= COPY_BLOCK:
+                    write(block)
+                    block = bytearray()
                 continue
             if n == 0:
                 select.select([pg.socket], [], [], WAIT)
