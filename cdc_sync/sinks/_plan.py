@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import countOf, itemgetter
+from typing import Any
 
 from ..changes import UNCHANGED_TOAST, Change, Op, Table
 from ..protocol import TupleData
@@ -153,20 +154,38 @@ OLD_OF = itemgetter(4)
 
 def one_table(changes: Sequence[Change]) -> Table | None:
     """The table when every change is a row change of that one `Table` object (compared by
-    identity, as the planner does), else None. In C: no per-change Python loop."""
+    identity, as the planner does), else None. In C: no per-change Python loop; and computed
+    once per chunk (a tuple) for every site."""
     if not changes:
         return None
+    shared = type(changes) is tuple
+    if shared:
+        hit = _SHARED_TABLE.get(id(changes))
+        if hit is not None and hit[0] is changes:
+            return hit[1]
     table = changes[0].table
-    if table is None or list(map(id, map(_TABLE, changes))).count(id(table)) != len(changes):
-        return None
+    if table is not None and list(map(id, map(_TABLE, changes))).count(id(table)) != len(changes):
+        table = None
+    if shared:
+        _remember(_SHARED_TABLE, id(changes), (changes, table))
     return table
 
 
-# Every site plans the same chunk: the single-run verdict is computed once per chunk and
-# table key, for all of them (the chunk is held with it, so its id cannot be reused meanwhile).
+# Every site plans the same chunks: what the planner finds out about a chunk (a tuple, never
+# changed) is kept for the others, with the chunk itself (so its id is not reused meanwhile).
+_SHARED_MAX = 8
+_shared_lock = threading.Lock()
+_SHARED_TABLE: dict[int, tuple[Sequence[Change], Table | None]] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    with _shared_lock:
+        if len(cache) >= _SHARED_MAX:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+
+
 _SHARED_SINGLE: dict[tuple[int, tuple[int, ...] | None], tuple[Sequence[Change], Run | None]] = {}
-_SHARED_SINGLE_MAX = 8
-_single_lock = threading.Lock()
 
 
 def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Run | None:
@@ -177,15 +196,14 @@ def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> 
     if table is None:
         return None
     key = keys.get(table.oid)
+    if type(changes) is not tuple:
+        return _whole_chunk_run(changes, table, key)
     cache_key = (id(changes), key)
     hit = _SHARED_SINGLE.get(cache_key)
     if hit is not None and hit[0] is changes:
         return hit[1]
     run = _whole_chunk_run(changes, table, key)
-    with _single_lock:
-        if len(_SHARED_SINGLE) >= _SHARED_SINGLE_MAX:
-            _SHARED_SINGLE.pop(next(iter(_SHARED_SINGLE)))
-        _SHARED_SINGLE[cache_key] = (changes, run)
+    _remember(_SHARED_SINGLE, cache_key, (changes, run))
     return run
 
 
