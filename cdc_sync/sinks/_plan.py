@@ -10,11 +10,11 @@ so it is written for speed.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import countOf, itemgetter
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ..changes import UNCHANGED_TOAST, Change, Op, Table
 from ..protocol import TupleData
@@ -158,34 +158,43 @@ def one_table(changes: Sequence[Change]) -> Table | None:
     once per chunk (a tuple) for every site."""
     if not changes:
         return None
-    shared = type(changes) is tuple
-    if shared:
-        hit = _SHARED_TABLE.get(id(changes))
-        if hit is not None and hit[0] is changes:
-            return hit[1]
+    if type(changes) is tuple:
+        return per_chunk(_SHARED_TABLE, changes, None, lambda: _one_table(changes))
+    return _one_table(changes)
+
+
+def _one_table(changes: Sequence[Change]) -> Table | None:
     table = changes[0].table
-    if table is not None and list(map(id, map(_TABLE, changes))).count(id(table)) != len(changes):
-        table = None
-    if shared:
-        _remember(_SHARED_TABLE, id(changes), (changes, table))
+    if table is None or list(map(id, map(_TABLE, changes))).count(id(table)) != len(changes):
+        return None
     return table
 
 
-# Every site plans the same chunks: what the planner finds out about a chunk (a tuple, never
-# changed) is kept for the others, with the chunk itself (so its id is not reused meanwhile).
+# Every site plans the same chunks (decode once, fan out): what is worked out from a chunk (a
+# tuple, never changed) is kept for the others, with the chunk itself, so its id cannot be
+# reused meanwhile. A few chunks are enough: the sites are at most a queue apart.
 _SHARED_MAX = 8
 _shared_lock = threading.Lock()
-_SHARED_TABLE: dict[int, tuple[Sequence[Change], Table | None]] = {}
+T = TypeVar("T")
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+def per_chunk(cache: dict[tuple[int, Any], tuple[Sequence[Change], Any]],
+              changes: Sequence[Change], key: Any, compute: Callable[[], T]) -> T:
+    """`compute()` for chunk `changes` and `key`, once for every site (see above)."""
+    cache_key = (id(changes), key)
+    hit = cache.get(cache_key)
+    if hit is not None and hit[0] is changes:
+        return cast(T, hit[1])
+    value = compute()
     with _shared_lock:
         if len(cache) >= _SHARED_MAX:
             cache.pop(next(iter(cache)))
-        cache[key] = value
+        cache[cache_key] = (changes, value)
+    return value
 
 
-_SHARED_SINGLE: dict[tuple[int, tuple[int, ...] | None], tuple[Sequence[Change], Run | None]] = {}
+_SHARED_TABLE: dict[tuple[int, Any], tuple[Sequence[Change], Any]] = {}
+_SHARED_SINGLE: dict[tuple[int, Any], tuple[Sequence[Change], Any]] = {}
 
 
 def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> Run | None:
@@ -196,15 +205,10 @@ def _single_run(changes: Sequence[Change], keys: dict[int, tuple[int, ...]]) -> 
     if table is None:
         return None
     key = keys.get(table.oid)
-    if type(changes) is not tuple:
-        return _whole_chunk_run(changes, table, key)
-    cache_key = (id(changes), key)
-    hit = _SHARED_SINGLE.get(cache_key)
-    if hit is not None and hit[0] is changes:
-        return hit[1]
-    run = _whole_chunk_run(changes, table, key)
-    _remember(_SHARED_SINGLE, cache_key, (changes, run))
-    return run
+    if type(changes) is tuple:
+        return per_chunk(_SHARED_SINGLE, changes, key,
+                         lambda: _whole_chunk_run(changes, table, key))
+    return _whole_chunk_run(changes, table, key)
 
 
 def _whole_chunk_run(changes: Sequence[Change], table: Table, key: tuple[int, ...] | None

@@ -20,7 +20,6 @@ Contract:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ from ..protocol import (
 from . import _sql
 from ._ahead import AheadPipe, Outcome, Statement, dollar_params
 from ._arrays import pack_columns, transpose
-from ._plan import NEW_OF, OLD_OF, Run, by_table, one_table, plan_runs, sent_columns
+from ._plan import NEW_OF, OLD_OF, Run, by_table, one_table, per_chunk, plan_runs, sent_columns
 from ._rows import describe_change, key_dict
 from ._sql import SiteTable
 
@@ -421,15 +420,7 @@ class SiteWriter:
             if st is None or not st.key or self.opts.resolver_for(st.table.qualified) is not None:
                 return None
             total += len(run.changes)
-            if run.op is Op.INSERT:
-                kind, cols = "insert", tuple(range(len(st.table.columns)))
-                packed, _ = run_params(run.changes, (), cols)
-            elif run.op is Op.UPDATE:
-                kind, cols = "update", tuple(run.columns)
-                packed, _ = run_params(run.changes, st.key, cols)
-            else:
-                kind, cols = "delete", ()
-                packed, _ = run_params(run.changes, st.key, ())
+            kind, cols, (packed, _) = _fast_statement(st, run)
             if packed is None:
                 return None
             query = self._query(st, kind, cols, True)
@@ -629,13 +620,10 @@ class SiteWriter:
     def _apply_fast(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
                     begin: TxBegin | None) -> int:
         changes = run.changes
-        if run.op is Op.INSERT:
-            cols = range(len(st.table.columns))
-            self._execute_columns(cur, st, "insert", cols, run_params(changes, (), tuple(cols)))
-        elif run.op is Op.UPDATE:
+        kind, cols, params = _fast_statement(st, run)
+        if run.op is Op.UPDATE:
             ucur = self.conn.cursor() if self._deferred is not None else cur
-            self._execute_columns(ucur, st, "update", run.columns,
-                                  run_params(changes, st.key, run.columns))
+            self._execute_columns(ucur, st, kind, cols, params)
 
             def check() -> None:
                 # An update that found no row: the site lacks it (see _write_missing).
@@ -648,8 +636,8 @@ class SiteWriter:
                 self._deferred.append(check)
             else:
                 check()
-        elif run.op is Op.DELETE:
-            self._execute_columns(cur, st, "delete", (), run_params(changes, st.key, ()))
+        else:
+            self._execute_columns(cur, st, kind, cols, params)
         return len(changes)
 
     def _write_missing(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
@@ -777,25 +765,35 @@ class SiteWriter:
 
 
 _Params = tuple[list[str] | None, list[list[Any]]]
-# Runs' parameters, shared by the site workers: every site gets the same chunk objects
-# (decode once, fan out), so the columns are built and packed once per run, not per site.
-# Keyed by the run's changes tuple (identity, checked), its key and its value columns.
-_SHARED_PARAMS: dict[tuple[int, tuple[int, ...], tuple[int, ...]],
-                     tuple[Sequence[Change], _Params]] = {}
-_SHARED_PARAMS_MAX = 8
-_shared_lock = threading.Lock()
+# Runs' parameters, shared by the site workers (`_plan.per_chunk`): keyed by the run's
+# changes tuple, its key and its value columns.
+_SHARED_PARAMS: dict[tuple[int, Any], tuple[Sequence[Change], Any]] = {}
 
 
 def run_params(changes: Sequence[Change], key: tuple[int, ...], cols: tuple[int, ...]) -> _Params:
     """The parameters of a run's statement: for each of `key` (the row's old key, for updates
     and deletes) and `cols` (new values), the column's values in order; packed if possible.
 
-    Inserts pass no key; deletes no columns. Computed once per run for all sites (above).
+    Inserts pass no key; deletes no columns. Computed once per run for all sites.
     """
-    cache_key = (id(changes), key, cols)
-    hit = _SHARED_PARAMS.get(cache_key)
-    if hit is not None and hit[0] is changes:
-        return hit[1]
+    return per_chunk(_SHARED_PARAMS, changes, (key, cols),
+                     lambda: _build_params(changes, key, cols))
+
+
+def _fast_statement(st: SiteTable, run: Run) -> tuple[str, tuple[int, ...], _Params]:
+    """The fast path's statement for a row-change run of a keyed table: its kind (for
+    `SiteWriter._query`), the columns it writes and its parameters."""
+    if run.op is Op.INSERT:
+        cols = tuple(range(len(st.table.columns)))
+        return "insert", cols, run_params(run.changes, (), cols)
+    if run.op is Op.UPDATE:
+        return "update", run.columns, run_params(run.changes, st.key, run.columns)
+    assert run.op is Op.DELETE, run.op
+    return "delete", (), run_params(run.changes, st.key, ())
+
+
+def _build_params(changes: Sequence[Change], key: tuple[int, ...], cols: tuple[int, ...]
+                  ) -> _Params:
     columns: list[list[Any]] = []
     if key:
         olds = list(map(OLD_OF, changes))
@@ -806,12 +804,7 @@ def run_params(changes: Sequence[Change], key: tuple[int, ...], cols: tuple[int,
         news = list(map(NEW_OF, changes))
         columns += [list(map(itemgetter(i), news)) for i in cols]
     packed = pack_columns(columns)
-    params: _Params = (packed, columns if packed is None else [])
-    with _shared_lock:
-        if len(_SHARED_PARAMS) >= _SHARED_PARAMS_MAX:
-            _SHARED_PARAMS.pop(next(iter(_SHARED_PARAMS)))
-        _SHARED_PARAMS[cache_key] = (changes, params)
-    return params
+    return packed, columns if packed is None else []
 
 
 def _is_user_error(exc: BaseException) -> bool:

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, TypeVar
 
 import psycopg
 
@@ -112,6 +112,7 @@ RESET: Final = Reset()
 _STOP: Final = _Stop()
 
 WorkItem = TxItem | Keepalive | Reset | _Stop
+T = TypeVar("T")
 
 
 class SiteWorker(threading.Thread):
@@ -382,24 +383,19 @@ class SiteWorker(threading.Thread):
                 started: float) -> None:
         """Commit `writer`'s target transaction at source position `lsn`, and account for it
         (chunks sent ahead are settled by the commit: count their dead letters)."""
-
-        def commit() -> int:
-            writer.commit(lsn, commit_ts)
-            return 0
-
-        self._counted(writer, commit)
+        self._counted(writer, lambda: writer.commit(lsn, commit_ts))
         self.durable_lsn = lsn
         self.last_commit_ts = commit_ts
         self.on_applied(self, changes, time.monotonic() - started)
         self.applied_changes += changes
 
-    def _counted(self, writer: SiteWriter, apply: Callable[[], int]) -> int:
-        """Run `apply` on `writer`; add the dead letters and conflicts it logged to ours."""
+    def _counted(self, writer: SiteWriter, work: Callable[[], T]) -> T:
+        """Run `work` on `writer`; add the dead letters and conflicts it logged to ours."""
         before = writer.dead_letters, writer.conflicts
-        n = apply()
+        result = work()
         self.dead_letters += writer.dead_letters - before[0]
         self.conflicts += writer.conflicts - before[1]
-        return n
+        return result
 
     def _sleep(self, failures: int) -> None:
         self._stopping.wait(backoff_delay(failures, BACKOFF_INITIAL, BACKOFF_MAX, jitter="equal"))

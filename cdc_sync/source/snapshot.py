@@ -165,19 +165,16 @@ def _relay(src: psycopg.Connection[Any], query: bytes, write: Callable[[bytearra
     try:
         while True:
             n, data = get(1)
-            if n > 0:
+            if n > 0:  # (once per row: without a progress display, only the append)
                 block += data
-                if on_rows is not None:  # (the loop runs once per row: nothing else in it)
-                    if n != 2 or bytes(data) != BINARY_TRAILER:
-                        messages += 1
-                    if len(block) >= COPY_BLOCK:
-                        write(block)
-                        block = bytearray()
-                        on_rows(messages - reported)
-                        reported = messages
-                elif len(block) >= COPY_BLOCK:
+                if on_rows is not None and (n != 2 or bytes(data) != BINARY_TRAILER):
+                    messages += 1
+                if len(block) >= COPY_BLOCK:
                     write(block)
                     block = bytearray()
+                    if on_rows is not None:
+                        on_rows(messages - reported)
+                        reported = messages
                 continue
             if n == 0:
                 select.select([pg.socket], [], [], WAIT)

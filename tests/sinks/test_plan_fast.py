@@ -199,8 +199,8 @@ def test_a_chunk_is_planned_once_for_every_site() -> None:
     assert first is second and first.changes is chunk
     assert run_params(first.changes, (0,), first.columns) is run_params(second.changes, (0,),
                                                                           second.columns)
-    assert _plan._SHARED_TABLE[id(chunk)] == (chunk, T)  # one_table's verdict, kept too
+    assert _plan._SHARED_TABLE[(id(chunk), None)] == (chunk, T)  # one_table's verdict, kept too
     as_list = list(chunk)  # a list may change: planned afresh, never kept
     (third,) = plan_runs(as_list, KEYS)
     assert third is not first and third.changes == chunk
-    assert id(as_list) not in _plan._SHARED_TABLE
+    assert (id(as_list), None) not in _plan._SHARED_TABLE
