@@ -23,8 +23,8 @@ from psycopg import sql
 from .config import Settings, SiteSettings, table_matches
 from .errors import CdcSyncError, SiteError, SourceError
 from .protocol import Lsn
+from .sessions import SESSION_OPTIONS, connect_site
 from .sinks.schema import migrate_site
-from .sinks.site import SESSION_OPTIONS, connect_site
 from .source import catalog
 from .source.catalog import TableDef
 from .source.snapshot import begin_snapshot, check_slot_name, copy_table, exported_snapshot

@@ -1,48 +1,84 @@
 """pgoutput and replication-protocol codecs: bytes in, frozen dataclasses out. No I/O.
 
 This package imports only the standard library (a test enforces it).
+
+Its submodules are loaded on first use of one of their names (PEP 562 `__getattr__`): a
+command that only needs `Lsn` or `ProtocolError` (`init`, `status`) does not pay for building
+the message classes and the decoder's tables at start-up.
 """
 
-from ._decode import ROW_TAGS, RowData, decode_message, decode_row, decode_streamed
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._errors import ProtocolError
-from ._frames import (
-    XLOG_DATA_HEADER_SIZE,
-    PrimaryKeepalive,
-    XLogData,
-    decode_copy_data,
-    encode_standby_status,
-)
 from ._lsn import INVALID_LSN, Lsn
-from ._messages import (
-    PG_EPOCH,
-    TRUNCATE_CASCADE,
-    TRUNCATE_RESTART_IDENTITY,
-    UNCHANGED_TOAST,
-    Begin,
-    Column,
-    Commit,
-    Delete,
-    Insert,
-    Message,
-    MessageKind,
-    OldTupleKind,
-    Origin,
-    PgOutputMessage,
-    Relation,
-    ReplicaIdentity,
-    StreamAbort,
-    StreamCommit,
-    StreamStart,
-    StreamStop,
-    Truncate,
-    TupleData,
-    TupleKind,
-    Type,
-    Update,
-    Value,
-    datetime_to_pg_timestamp,
-    pg_timestamp_to_datetime,
-)
+
+if TYPE_CHECKING:
+    from ._decode import ROW_TAGS, RowData, decode_message, decode_row, decode_streamed
+    from ._frames import (
+        XLOG_DATA_HEADER_SIZE,
+        PrimaryKeepalive,
+        XLogData,
+        decode_copy_data,
+        encode_standby_status,
+    )
+    from ._messages import (
+        TRUNCATE_CASCADE,
+        TRUNCATE_RESTART_IDENTITY,
+        UNCHANGED_TOAST,
+        Begin,
+        Column,
+        Commit,
+        Delete,
+        Insert,
+        Message,
+        MessageKind,
+        OldTupleKind,
+        Origin,
+        PgOutputMessage,
+        Relation,
+        ReplicaIdentity,
+        StreamAbort,
+        StreamCommit,
+        StreamStart,
+        StreamStop,
+        Truncate,
+        TupleData,
+        TupleKind,
+        Type,
+        Update,
+        Value,
+    )
+    from ._time import PG_EPOCH, datetime_to_pg_timestamp, pg_timestamp_to_datetime
+
+_SUBMODULE_NAMES = {
+    "_decode": ("ROW_TAGS", "RowData", "decode_message", "decode_row", "decode_streamed"),
+    "_frames": ("XLOG_DATA_HEADER_SIZE", "PrimaryKeepalive", "XLogData", "decode_copy_data",
+                "encode_standby_status"),
+    "_messages": ("TRUNCATE_CASCADE", "TRUNCATE_RESTART_IDENTITY", "UNCHANGED_TOAST", "Begin",
+                  "Column", "Commit", "Delete", "Insert", "Message", "MessageKind",
+                  "OldTupleKind", "Origin", "PgOutputMessage", "Relation", "ReplicaIdentity",
+                  "StreamAbort", "StreamCommit", "StreamStart", "StreamStop", "Truncate",
+                  "TupleData", "TupleKind", "Type", "Update", "Value"),
+    "_time": ("PG_EPOCH", "datetime_to_pg_timestamp", "pg_timestamp_to_datetime"),
+}
+_MODULE_OF = {name: module for module, names in _SUBMODULE_NAMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once loaded, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ROW_TAGS",

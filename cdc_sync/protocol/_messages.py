@@ -3,7 +3,7 @@ frozen, slotted dataclasses.
 
 Field order follows PostgreSQL's `src/backend/replication/logical/proto.c`
 (`logicalrep_write_*`). Timestamps are kept as microseconds since 2000-01-01 UTC (PostgreSQL's
-epoch), exactly as on the wire; `pg_timestamp_to_datetime` converts at the edges.
+epoch), exactly as on the wire; `_time.pg_timestamp_to_datetime` converts at the edges.
 
 Tuple values: `None` for `n` (NULL), `UNCHANGED_TOAST` for `u` (an unchanged TOASTed value the
 server did not send), `str` for `t` (text form, decoded as UTF-8), `bytes` for `b` (binary).
@@ -13,23 +13,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from ._lsn import Lsn
-
-PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
-
-
-def pg_timestamp_to_datetime(micros: int) -> datetime:
-    """Convert microseconds since 2000-01-01 UTC to an aware `datetime`."""
-    return PG_EPOCH + timedelta(microseconds=micros)
-
-
-def datetime_to_pg_timestamp(value: datetime) -> int:
-    """Convert an aware `datetime` to microseconds since 2000-01-01 UTC."""
-    delta = value - PG_EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 class MessageKind(enum.Enum):

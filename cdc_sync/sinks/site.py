@@ -50,18 +50,6 @@ from ._sql import SiteTable
 
 log = logging.getLogger(__name__)
 
-# Session settings shared by the replication connection and every site connection, so text
-# values are produced and parsed identically on both ends.
-SESSION_OPTIONS = (
-    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 "
-    "-c bytea_output=hex"
-)
-
-# Site sessions only: the set-based statements join a few thousand unnest() rows to the table
-# on its key. The planner estimates function scans poorly and would hash-join against a scan
-# of the whole table; an index nested loop is what we want, whatever the table's size.
-SITE_SESSION_OPTIONS = SESSION_OPTIONS + " -c enable_hashjoin=off -c enable_mergejoin=off"
-
 TableFilter = Callable[[Table], bool]
 
 # A chunk of at least this many changes to keyed tables on the fast path is sent ahead of the
@@ -77,24 +65,6 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error) and not isinstance(
         exc, (psycopg.OperationalError, psycopg.InterfaceError,
               psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected))
-
-
-def connect_site(dsn: str, *, application_name: str = "cdc_sync") -> psycopg.Connection[Any]:
-    """Open a site connection with our session settings (autocommit off).
-
-    Like PostgreSQL's own apply worker, we run with `session_replication_role = replica` when
-    allowed (superuser), so site triggers and foreign keys do not fire on replicated rows.
-    """
-    conn = psycopg.connect(
-        dsn, autocommit=False, options=SITE_SESSION_OPTIONS, application_name=application_name,
-        connect_timeout=10,
-    )
-    try:
-        conn.execute("SET session_replication_role = replica")
-        conn.commit()
-    except psycopg.errors.InsufficientPrivilege:
-        conn.rollback()
-    return conn
 
 
 @dataclass
@@ -818,5 +788,5 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-__all__ = ["SESSION_OPTIONS", "SiteOptions", "SiteWriter", "connect_site", "is_data_error",
+__all__ = ["SiteOptions", "SiteWriter", "is_data_error",
            "key_dict", "sql"]

@@ -58,7 +58,8 @@ from ..changes import (
 )
 from ..errors import CdcSyncError, mask_dsn
 from ..protocol import INVALID_LSN, Lsn
-from .site import SiteOptions, SiteWriter, connect_site
+from ..sessions import connect_site
+from .site import SiteOptions, SiteWriter
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from ..sinks.site import SESSION_OPTIONS
+from ..sessions import SESSION_OPTIONS
 
 log = logging.getLogger(__name__)
 

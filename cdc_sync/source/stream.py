@@ -33,7 +33,7 @@ from ..protocol import (
     decode_copy_data,
     encode_standby_status,
 )
-from ..sinks.site import SESSION_OPTIONS
+from ..sessions import SESSION_OPTIONS
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from integration.helpers import connect, execute, scalar
 
 from cdc_sync.changes import Change, Op, Table
 from cdc_sync.protocol import Lsn, ReplicaIdentity
+from cdc_sync.sessions import connect_site
 from cdc_sync.sinks._ahead import dollar_params
 from cdc_sync.sinks.schema import migrate_site
-from cdc_sync.sinks.site import SiteWriter, connect_site
+from cdc_sync.sinks.site import SiteWriter
 
 ITEM = Table(16384, "public", "item", ("id", "qty"), (23, 23), (-1, -1), (0,),
              ReplicaIdentity.DEFAULT)
