@@ -108,13 +108,7 @@ def _tombstone_policy(settings: Settings | None, site: SiteSettings,
     if settings is None:
         return False, None
     policy = settings.conflicts.for_table(t.qualified)
-    if policy.strategy == "source_wins" and not policy.counters:
-        # The default policy never reads local rows (`PolicyResolver.needs_local_rows`, kept
-        # equal by tests/test_commands_init.py): no need to import the resolvers for it.
-        return False, policy.version_column
-    from .resolve import make_resolver
-
-    return make_resolver(policy, site=site.name).needs_local_rows, policy.version_column
+    return policy.needs_local_rows, policy.version_column
 
 
 def _ensure_tombstone_trigger(conn: psycopg.Connection[Any], t: TableDef,

@@ -245,6 +245,13 @@ class ConflictTableSettings(_Model):
         return _check_merge_ref(value)
 
 
+def local_rows_needed(strategy: str, counters: Sequence[str]) -> bool:
+    """The one rule for which policies read the site's row before writing: all but plain
+    `source_wins` (which overwrites whatever is there). Those policies go through the resolving
+    path, and local deletes leave tombstones for them."""
+    return not (strategy == "source_wins" and not counters)
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedPolicy:
     """The conflict policy of one table: its override merged over the `[conflicts]` defaults."""
@@ -256,6 +263,11 @@ class ResolvedPolicy:
     merge: str | None
     merge_key: str | None  # the key that set `merge`, for error messages
     tombstone_max_age_seconds: float
+
+    @property
+    def needs_local_rows(self) -> bool:
+        """Whether applying a change needs the site's row first (`local_rows_needed`)."""
+        return local_rows_needed(self.strategy, self.counters)
 
     def load_merge(self) -> Callable[..., Any]:
         """Import this policy's merge function; `ConfigError` naming the key if that fails."""

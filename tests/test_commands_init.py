@@ -27,8 +27,8 @@ def _table() -> TableDef:
 def test_tombstone_policy_agrees_with_the_resolver(strategy: str, counters: tuple[str, ...],
                                                    version_column: str | None,
                                                    override: bool) -> None:
-    """`_tombstone_policy` skips importing the resolvers for the default policy: its answer
-    is the resolver's `needs_local_rows` for every strategy, with or without counters."""
+    """`_tombstone_policy` answers from the settings, without importing the resolvers: the
+    same as the resolver's `needs_local_rows` for every strategy, with or without counters."""
     policy: dict[str, object] = {"strategy": strategy}
     if version_column is not None:
         policy["version_column"] = version_column

@@ -70,6 +70,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, cast
 
 from cdc_sync.changes import Op
+from cdc_sync.config import local_rows_needed
 
 from ._model import Decision, Incoming, LocalRow, Resolver, Tombstone, Values
 from ._versions import Version, add_delta, parse_version, timestamp_version
@@ -132,7 +133,7 @@ class PolicyResolver:
         self._version_column = version_column
         self._counters = frozenset(counters)
         self._merge = merge
-        self.needs_local_rows: bool = not (strategy == "source_wins" and not counters)
+        self.needs_local_rows: bool = local_rows_needed(strategy, counters)
 
     @property
     def version_column(self) -> str | None:
