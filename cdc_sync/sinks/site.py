@@ -56,6 +56,12 @@ TableFilter = Callable[[Table], bool]
 # previous chunk's results (`SiteWriter._send_ahead`); smaller ones are not worth a savepoint's
 # round trip at the next boundary.
 AHEAD_MIN_CHANGES = 1000
+# Chunks sent ahead share one savepoint per this many: a savepoint is a subtransaction, and
+# past 64 of them in one transaction every snapshot taken on the site overflows its subxid
+# cache (visibility checks then read pg_subtrans) for as long as the transaction runs. At 8,
+# a transaction of 2.5 million rows stays under 64; the chunks since the savepoint are kept
+# (at most 8) to apply them again after a rollback to it.
+AHEAD_SAVEPOINT_EVERY = 8
 TOMBSTONE_PURGE_INTERVAL = 60.0
 
 
@@ -83,12 +89,17 @@ class SiteOptions:
 
 @dataclass(frozen=True, slots=True)
 class _AheadBatch:
-    """A chunk sent ahead: its runs, its transaction, and its update row-count checks
-    (statement index in the batch, run, rows expected)."""
+    """A chunk sent ahead: its runs, its transaction, its update row-count checks (statement
+    index in the batch, run, rows expected), and its place after savepoint cdc_ahead."""
 
     runs: list[Run]
     begin: TxBegin | None
     checks: list[tuple[int, Run, int]]
+    after: int  # batches sent between the savepoint and this one (0: this one set it)
+
+    @property
+    def savepoint(self) -> bool:
+        return self.after == 0
 
 
 def _raise_transient(outcomes: Sequence[Outcome]) -> None:
@@ -120,10 +131,14 @@ class SiteWriter:
         # Chunks sent ahead of their results (see `_send_ahead`).
         self.ahead_min_changes = AHEAD_MIN_CHANGES
         self._pipe: AheadPipe | None = None
-        self._ahead: deque[_AheadBatch] = deque()
-        self._ahead_sp = False  # savepoint cdc_ahead exists (before the latest batch sent)
+        self._ahead: deque[_AheadBatch] = deque()  # sent, results not read yet
+        # The batches a rollback to savepoint cdc_ahead would undo, oldest first (settled or
+        # not); the first one set the savepoint. Empty: the next batch sets a new one.
+        self._window: list[_AheadBatch] = []
+        self._ahead_sp = False  # savepoint cdc_ahead exists
         self._dollar: dict[str, bytes] = {}
         self.sent_ahead = 0  # batches sent ahead so far
+        self.ahead_savepoints = 0  # savepoints they set
         # Under session_replication_role = replica (no FK checks, no triggers) changes of
         # different tables in one batch may be applied table by table.
         with conn.cursor() as cur:
@@ -198,6 +213,7 @@ class SiteWriter:
 
     def rollback(self) -> None:
         self._in_tx = self._dirty = self._ahead_sp = False
+        self._window.clear()
         try:
             if self._pipe is not None:
                 self._ahead.clear()
@@ -367,13 +383,14 @@ class SiteWriter:
 
     # -- chunks sent ahead of their results ---------------------------------------------------
     # A big chunk on the fast path is sent without waiting for the previous one's results, so
-    # the site never idles between chunks. Each batch is "RELEASE SAVEPOINT cdc_ahead" (the
-    # previous batch's), "SAVEPOINT cdc_ahead", then its statements; at most two batches are
-    # outstanding. When a batch's results show trouble, the later batch is rolled back with it
-    # (an error: the server skipped the later batch, and cdc_ahead still marks the start of the
-    # failed one) or on its own (only updates that found no row: cdc_ahead marks the start of
-    # the later one); then the batch is settled as `_run_chunk` does it (dead letters, missing
-    # rows) and the later batch applied again.
+    # the site never idles between chunks; at most two batches are outstanding. Every
+    # AHEAD_SAVEPOINT_EVERY batches, one begins with "RELEASE SAVEPOINT cdc_ahead" (the
+    # previous one) and "SAVEPOINT cdc_ahead"; the batches since are kept (`_window`). When a
+    # batch's results show trouble, everything since the savepoint still in force is rolled
+    # back: after an error that is the last savepoint at or before the failed batch (the server
+    # skipped what followed it), after updates that found no row the last one sent. The
+    # batches undone are then applied again as `_run_chunk` does it (dead letters, missing
+    # rows); a troubled batch left before the savepoint only gets its missing rows written.
     def _ahead_statements(self, runs: Sequence[Run]
                           ) -> tuple[list[Statement], list[tuple[int, Run, int]]] | None:
         """The statements of a chunk that may be sent ahead, with the update row-count checks
@@ -411,15 +428,20 @@ class SiteWriter:
         head: list[Statement] = []
         if not self._ahead and self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             head.append((b"BEGIN", None))  # what psycopg sends before a first statement
-        if self._ahead_sp:
-            head.append((b"RELEASE SAVEPOINT cdc_ahead", None))
-        head.append((b"SAVEPOINT cdc_ahead", None))
+        savepoint = not self._window or self._window[-1].after >= AHEAD_SAVEPOINT_EVERY - 1
+        if savepoint:
+            if self._ahead_sp:
+                head.append((b"RELEASE SAVEPOINT cdc_ahead", None))
+            head.append((b"SAVEPOINT cdc_ahead", None))
+            self.ahead_savepoints += 1
         offset = len(head)
         batch = _AheadBatch(list(runs), begin,
-                            [(offset + i, run, rows) for i, run, rows in checks])
+                            [(offset + i, run, rows) for i, run, rows in checks],
+                            0 if savepoint else self._window[-1].after + 1)
         self._pipe.send(head + statements)
         self.sent_ahead += 1
         self._ahead.append(batch)
+        self._window.append(batch)
         self._ahead_sp = self._dirty = True
         if len(self._ahead) > 1:
             self._settle_oldest()
@@ -433,6 +455,9 @@ class SiteWriter:
             self._settle_oldest()
         if self._pipe is not None:
             self._pipe.close()
+        # What the caller does next must not be undone by a later rollback to cdc_ahead that
+        # would not apply it again: the next batch sets a savepoint of its own.
+        self._window.clear()
         if release and self._ahead_sp:
             self.conn.execute("RELEASE SAVEPOINT cdc_ahead")
             self._ahead_sp = False
@@ -444,27 +469,31 @@ class SiteWriter:
         failed = not all(o.ok for o in outcomes)
         missing = [run for i, run, rows in batch.checks
                    if outcomes[i].ok and outcomes[i].rows != rows]
+        window = self._window
+        at = next(i for i, b in enumerate(window) if b is batch)
         if not failed and not missing:
+            if batch.savepoint:  # it released the previous savepoint: older batches are final
+                del window[:at]
             return
-        later = list(self._ahead)
-        self._ahead.clear()
-        for _ in later:
+        for _ in self._ahead:
             self._pipe.collect()
+        self._ahead.clear()
         self._pipe.close()
+        if failed:
+            _raise_transient(outcomes)
+        # The savepoint in force: after an error, the server skipped every later statement.
+        last = at if failed else len(window) - 1
+        start = max(i for i in range(last + 1) if window[i].savepoint)
+        self._window = []
         with self.conn.cursor() as cur:
-            if failed:  # cdc_ahead: before `batch`; the server skipped everything after it
-                _raise_transient(outcomes)
-                cur.execute("ROLLBACK TO SAVEPOINT cdc_ahead")
-                self._run_chunk(batch.runs, batch.begin, (), ())
-            else:  # cdc_ahead: before the later batch, if any
-                if later:
-                    cur.execute("ROLLBACK TO SAVEPOINT cdc_ahead")
+            cur.execute("ROLLBACK TO SAVEPOINT cdc_ahead")
+            if start > at:  # `batch` stays applied: only its missing rows to write
                 for run in missing:
                     assert run.table is not None
                     st = self.site_table(run.table)
                     assert st is not None
                     self._write_missing(cur, st, run, batch.begin)
-            for b in later:
+            for b in window[start:]:
                 self._run_chunk(b.runs, b.begin, (), ())
             cur.execute("RELEASE SAVEPOINT cdc_ahead")
         self._ahead_sp = False

@@ -160,3 +160,75 @@ def test_a_table_first_described_inside_a_later_pipelined_chunk(
     writer.commit(Lsn(0x100), NOW)
     assert scalar(site, "SELECT count(*) FROM other") == 0
     assert qty(site)[40] == 2
+
+
+# -- one savepoint per AHEAD_SAVEPOINT_EVERY batches ------------------------------------------
+
+def _next_xid(dsn: str) -> int:
+    return int(scalar(dsn, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
+
+
+def _chunks(n: int, bad: dict[int, int] | None = None) -> list[list[Change]]:
+    """`n` chunks of 20 updates, chunk k to rows 20k-19..20k (a lost chunk shows), setting qty
+    k (or -1, which the CHECK rejects, for the row `bad[k]`)."""
+    bad = bad or {}
+    return [updates(range(20 * k - 19, 20 * k + 1), lambda i, k=k: -1 if bad.get(k) == i else k)
+            for k in range(1, n + 1)]
+
+
+@pytest.fixture
+def rows240(site: str) -> str:
+    execute(site, "INSERT INTO item SELECT g, 0 FROM generate_series(61, 240) g")
+    return site
+
+
+def _expected(n: int) -> dict[int, int]:
+    return {i: (i + 19) // 20 if i <= 20 * n else 0 for i in range(1, 241)}
+
+
+def test_chunks_sent_ahead_share_savepoints(rows240: str, writer: SiteWriter) -> None:
+    """12 batches, one savepoint per AHEAD_SAVEPOINT_EVERY (8): 2 subtransactions on the site,
+    not 12 (each savepoint that writes takes a transaction id of its own)."""
+    site = rows240
+    before = _next_xid(site)
+    writer.begin()
+    for chunk in _chunks(12):
+        writer.apply(chunk)
+    writer.commit(Lsn(0x100), NOW)
+    assert (writer.sent_ahead, writer.ahead_savepoints) == (12, 2)
+    assert _next_xid(site) - before == 1 + 2  # the transaction and its 2 subtransactions
+    assert qty(site) == _expected(12)
+
+
+@pytest.mark.parametrize("bad_chunk", [2, 7, 8, 9, 12])
+def test_a_rejected_change_far_from_the_savepoint(rows240: str, writer: SiteWriter,
+                                                  bad_chunk: int) -> None:
+    """The error rolls back every batch since the savepoint in force (up to 7 earlier ones,
+    settled long ago): they are applied again, the bad change alone is a dead letter."""
+    site = rows240
+    bad_row = 20 * bad_chunk - 15
+    writer.begin()
+    for chunk in _chunks(12, {bad_chunk: bad_row}):
+        writer.apply(chunk)
+    writer.commit(Lsn(0x100), NOW)
+    assert dead_ids(site) == [bad_row]
+    assert writer.dead_letters == 1
+    assert qty(site) == {**_expected(12), bad_row: 0}
+
+
+@pytest.mark.parametrize("missing_chunk", [6, 8, 9])
+def test_missing_rows_far_from_the_savepoint(rows240: str, writer: SiteWriter,
+                                             missing_chunk: int) -> None:
+    """A row chunk `missing_chunk` updates is gone from the site. Whether the savepoint in
+    force is before that chunk (6, 8) or after it (8: chunk 9 set a new one while 8's results
+    were unread), it is inserted once and logged as one conflict, and no chunk is lost."""
+    site = rows240
+    row = 20 * missing_chunk - 15
+    execute(site, "DELETE FROM item WHERE id = %s", params=(row,))
+    writer.begin()
+    for chunk in _chunks(12):
+        writer.apply(chunk)
+    writer.commit(Lsn(0x100), NOW)
+    assert qty(site) == _expected(12)
+    assert scalar(site, "SELECT count(*) FROM cdc_sync.conflicts WHERE kind = 'update_missing'") == 1
+    assert dead_ids(site) == []
