@@ -28,7 +28,7 @@ from . import _sql
 from ._arrays import transpose
 from ._plan import Run
 from ._rows import as_dict, key_dict, key_values
-from ._sql import SiteTable
+from ._sql import SiteTable, rows_from
 
 if TYPE_CHECKING:
     from .site import SiteWriter
@@ -60,13 +60,12 @@ def _local_rows_sql(st: SiteTable, with_ts: bool) -> sql.Composed:
     # overwritten unseen; it waits for us instead and then wins or loses on its own time.
     # Locking in key order keeps deadlocks with local transactions rare.
     return sql.SQL(
-        "SELECT {kcols}, {cols}, {meta} FROM {t} AS t JOIN unnest({params}) AS v({aliases}) "
+        "SELECT {kcols}, {cols}, {meta} FROM {t} AS t JOIN {rows} "
         "ON {where} ORDER BY {order} FOR UPDATE OF t"
     ).format(
         order=sql.SQL(", ").join(sql.SQL("t.{}").format(st.col(i)) for i in st.key),
         kcols=sql.SQL(", ").join(sql.SQL("v.{}").format(k) for k in keys), cols=cols, meta=meta,
-        t=st.ident, params=sql.SQL(", ").join(sql.SQL("%b::text[]") for _ in keys),
-        aliases=sql.SQL(", ").join(keys),
+        t=st.ident, rows=rows_from(keys),
         where=sql.SQL(" AND ").join(
             sql.SQL("t.{c} = v.{a}::{ty}").format(c=st.col(i), a=a, ty=st.typ(i))
             for a, i in zip(keys, st.key, strict=True)),

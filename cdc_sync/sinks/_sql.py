@@ -1,11 +1,16 @@
 """Set-based statements for one `Run`, built with `psycopg.sql` (identifiers quoted).
 
-Values travel as text arrays, one parameter per column (`unnest(string_to_array(%s, …), …)`
-when packed, `unnest(%b::text[], …)` otherwise; see `_arrays`), and are cast on the site to the
-site column's type (`format_type` of the site's catalog), so every type
-round-trips through its own input function: nothing is lost between source and site. Column
-aliases inside the statements are positional (`c0`, `k0`, …) so no user identifier can collide
-with them.
+Values travel as text arrays, one parameter per column (`string_to_array(%s, …)` when packed,
+`%b::text[]` otherwise; see `_arrays`), and are cast on the site to the site column's type
+(`format_type` of the site's catalog), so every type round-trips through its own input
+function: nothing is lost between source and site. Column aliases inside the statements are
+positional (`c0`, `k0`, …) so no user identifier can collide with them.
+
+The arrays become rows as `(SELECT unnest(a) AS c0, unnest(b) AS c1, …) AS v` (`rows_from`):
+set-returning functions in a select list run in lockstep without being stored first, where
+`unnest(a, b, …) AS v(c0, c1, …)` (a function scan) puts every array into a tuplestore before
+the first row comes out. Measured on 300,000 rows in 5,000-row statements, site CPU: UPDATE
+1.50 -> 1.41 s, INSERT … ON CONFLICT 1.11 -> 0.96 s, DELETE 0.52 -> 0.49 s.
 """
 
 from __future__ import annotations
@@ -58,9 +63,14 @@ _BINARY_PARAM = sql.SQL("%b::text[]")
 _PACKED_PARAM = sql.SQL("string_to_array(%s, E'\\x1f', E'\\x1e')")
 
 
-def _params(n: int, packed: bool = False) -> sql.Composed:
-    param = _PACKED_PARAM if packed else _BINARY_PARAM
-    return sql.SQL(", ").join(param for _ in range(n))
+def rows_from(aliases: Sequence[sql.Identifier], packed: bool = False,
+              param: sql.Composable | None = None) -> sql.Composed:
+    """`(SELECT unnest(<param>) AS <alias>, …) AS v`: one text-array parameter per alias, as
+    rows (see the module docstring); `param` defaults to the packed or binary form."""
+    if param is None:
+        param = _PACKED_PARAM if packed else _BINARY_PARAM
+    return sql.SQL("(SELECT {}) AS v").format(sql.SQL(", ").join(
+        sql.SQL("unnest({}) AS {}").format(param, a) for a in aliases))
 
 
 def _aliases(prefix: str, n: int) -> list[sql.Identifier]:
@@ -71,14 +81,13 @@ def insert_sql(st: SiteTable, columns: Sequence[int], upsert: bool, packed: bool
                ) -> sql.Composed:
     """INSERT … SELECT FROM unnest(…) [ON CONFLICT (key) DO UPDATE SET every other column]."""
     vals = _aliases("c", len(columns))
-    stmt = sql.SQL("INSERT INTO {t} ({cols}) SELECT {casts} FROM unnest({params}) AS v({vals})").format(
+    stmt = sql.SQL("INSERT INTO {t} ({cols}) SELECT {casts} FROM {rows}").format(
         t=st.ident,
         cols=sql.SQL(", ").join(st.col(i) for i in columns),
         casts=sql.SQL(", ").join(
             sql.SQL("v.{a}::{ty}").format(a=a, ty=st.typ(i)) for a, i in zip(vals, columns, strict=True)
         ),
-        params=_params(len(columns), packed),
-        vals=sql.SQL(", ").join(vals),
+        rows=rows_from(vals, packed),
     )
     if upsert and st.key:
         others = [i for i in columns if i not in st.key]
@@ -98,29 +107,25 @@ def insert_sql(st: SiteTable, columns: Sequence[int], upsert: bool, packed: bool
 
 
 def update_sql(st: SiteTable, columns: Sequence[int], packed: bool = False) -> sql.Composed:
-    """UPDATE t SET cols FROM unnest(old key…, new values…) WHERE t.key = old key."""
+    """UPDATE t SET cols FROM rows of (old key…, new values…) WHERE t.key = old key."""
     keys = _aliases("k", len(st.key))
     vals = _aliases("c", len(columns))
-    return sql.SQL(
-        "UPDATE {t} AS t SET {sets} FROM unnest({params}) AS v({aliases}) WHERE {where}"
-    ).format(
+    return sql.SQL("UPDATE {t} AS t SET {sets} FROM {rows} WHERE {where}").format(
         t=st.ident,
         sets=sql.SQL(", ").join(
             sql.SQL("{c} = v.{a}::{ty}").format(c=st.col(i), a=a, ty=st.typ(i))
             for a, i in zip(vals, columns, strict=True)
         ),
-        params=_params(len(keys) + len(vals), packed),
-        aliases=sql.SQL(", ").join(keys + vals),
+        rows=rows_from(keys + vals, packed),
         where=_key_match(st, keys),
     )
 
 
 def delete_sql(st: SiteTable, packed: bool = False) -> sql.Composed:
-    """DELETE FROM t USING unnest(keys…) WHERE t.key = key."""
+    """DELETE FROM t USING rows of (keys…) WHERE t.key = key."""
     keys = _aliases("k", len(st.key))
-    return sql.SQL("DELETE FROM {t} AS t USING unnest({params}) AS v({aliases}) WHERE {where}").format(
-        t=st.ident, params=_params(len(keys), packed), aliases=sql.SQL(", ").join(keys),
-        where=_key_match(st, keys),
+    return sql.SQL("DELETE FROM {t} AS t USING {rows} WHERE {where}").format(
+        t=st.ident, rows=rows_from(keys, packed), where=_key_match(st, keys),
     )
 
 
@@ -208,12 +213,9 @@ SITE_UNIQUE_INDEXES = sql.SQL(
 def existing_keys_sql(st: SiteTable) -> sql.Composed:
     """The keys, among those given, that have a row on the site (as text)."""
     keys = _aliases("k", len(st.key))
-    return sql.SQL(
-        "SELECT {cols} FROM {t} AS t JOIN unnest({params}) AS v({aliases}) ON {where}"
-    ).format(
+    return sql.SQL("SELECT {cols} FROM {t} AS t JOIN {rows} ON {where}").format(
         cols=sql.SQL(", ").join(sql.SQL("v.{}").format(a) for a in keys),
-        t=st.ident, params=_params(len(keys)), aliases=sql.SQL(", ").join(keys),
-        where=_key_match(st, keys),
+        t=st.ident, rows=rows_from(keys), where=_key_match(st, keys),
     )
 
 
