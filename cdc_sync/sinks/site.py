@@ -6,10 +6,12 @@ Contract:
   `source` in the same transaction and commits it: rows and progress become durable together,
   which is what makes apply exactly-once. `rollback()` forgets everything since `begin()`.
 - A change the site rejects for its data (constraint, invalid value, missing column…) does not
-  stop anything: the chunk is retried run by run inside savepoints, a failing run is bisected
-  down to the offending change, which is recorded in `cdc_sync.dead_letters` in the same
-  transaction; every other change of the chunk is applied. Connection and server failures
-  (`OperationalError`) propagate: the caller reconnects and the stream is replayed.
+  stop anything: the chunk (with the chunks before it since the last savepoint; chunks share
+  one per `SAVEPOINT_EVERY`, to keep a huge transaction's subtransactions few) is retried run by
+  run inside savepoints, a failing run is bisected down to the offending change, which is
+  recorded in `cdc_sync.dead_letters` in the same transaction; every other change is applied.
+  Connection and server failures (`OperationalError`) propagate: the caller reconnects and the
+  stream is replayed.
 - Tables whose conflict policy needs the local rows go through `_resolving.apply_resolved`;
   the rest take the fast path (upserts; an update or key change of a row the site lacks is
   written as an insert when the whole row was sent, and logged as a conflict).
@@ -56,12 +58,13 @@ TableFilter = Callable[[Table], bool]
 # previous chunk's results (`SiteWriter._send_ahead`); smaller ones are not worth a savepoint's
 # round trip at the next boundary.
 AHEAD_MIN_CHANGES = 1000
-# Chunks sent ahead share one savepoint per this many: a savepoint is a subtransaction, and
-# past 64 of them in one transaction every snapshot taken on the site overflows its subxid
-# cache (visibility checks then read pg_subtrans) for as long as the transaction runs. At 8,
-# a transaction of 2.5 million rows stays under 64; the chunks since the savepoint are kept
-# (at most 8) to apply them again after a rollback to it.
-AHEAD_SAVEPOINT_EVERY = 8
+# Chunks after a target transaction's first share one savepoint per this many (sent ahead:
+# cdc_ahead; applied at once: cdc_chunk). A savepoint is a subtransaction, and past 64 of them
+# in one transaction every snapshot taken on the site overflows its subxid cache (visibility
+# checks then read pg_subtrans) for as long as the transaction runs. At 8, a transaction of 2.5
+# million rows stays under 64; the chunks since the savepoint are kept (at most 8) to apply
+# them again after a rollback to it.
+SAVEPOINT_EVERY = 8
 TOMBSTONE_PURGE_INTERVAL = 60.0
 
 
@@ -102,6 +105,18 @@ class _AheadBatch:
         return self.after == 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """A chunk applied at once (`_run_chunk`): what applying it again needs, and the writer's
+    counters before it (restored when a rollback undoes it)."""
+
+    runs: Sequence[Run]
+    begin: TxBegin | None
+    rejected: Sequence[tuple[Change, SiteError]]
+    segments: Sequence[tuple[TxBegin | None, Sequence[Change]]]
+    counters: tuple[int, int]  # dead_letters, conflicts
+
+
 def _raise_transient(outcomes: Sequence[Outcome]) -> None:
     """Raise the first error of a batch when it is not about the data (a lost connection, a
     lock conflict): the worker's retry handles those, not dead letters."""
@@ -136,6 +151,9 @@ class SiteWriter:
         # not); the first one set the savepoint. Empty: the next batch sets a new one.
         self._window: list[_AheadBatch] = []
         self._ahead_sp = False  # savepoint cdc_ahead exists
+        # Chunks applied at once since savepoint cdc_chunk, which exists while this is not
+        # empty (`_run_chunk`).
+        self._chunks: list[_Chunk] = []
         self._dollar: dict[str, bytes] = {}
         self.sent_ahead = 0  # batches sent ahead so far
         self.ahead_savepoints = 0  # savepoints they set
@@ -210,10 +228,12 @@ class SiteWriter:
             cur.execute(_sql.PROGRESS_UPSERT, (self.source, str(lsn), commit_ts))
             self.conn.commit()
         self._in_tx = self._dirty = self._ahead_sp = False
+        self._chunks = []
 
     def rollback(self) -> None:
         self._in_tx = self._dirty = self._ahead_sp = False
         self._window.clear()
+        self._chunks = []
         try:
             if self._pipe is not None:
                 self._ahead.clear()
@@ -231,12 +251,14 @@ class SiteWriter:
     def savepoint(self, name: str) -> None:
         """A named savepoint in the open transaction (a streamed subtransaction starts)."""
         self._settle(release=True)
+        self._release_chunks()
         self.conn.execute(sql.SQL("SAVEPOINT {}").format(sql.Identifier(name)))
         self._dirty = True  # chunks after it need their own savepoint, never a full rollback
 
     def rollback_to(self, name: str) -> None:
         """Undo everything since `savepoint(name)` (a streamed subtransaction rolled back)."""
         self._settle(release=True)
+        self._release_chunks()
         self.conn.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(sql.Identifier(name)))
 
     def set_lock_timeout(self, milliseconds: int) -> None:
@@ -335,12 +357,30 @@ class SiteWriter:
     def _run_chunk(self, runs: Sequence[Run], begin: TxBegin | None,
                    rejected: Sequence[tuple[Change, SiteError]],
                    segments: Sequence[tuple[TxBegin | None, Sequence[Change]]]) -> int:
-        """Apply `runs` now (nothing sent ahead is outstanding), isolating data errors."""
+        """Apply `runs` now (nothing sent ahead is outstanding), isolating data errors.
+
+        The first chunk of a target transaction needs no savepoint: on a data error the whole
+        (otherwise empty) transaction is rolled back and the chunk isolated. Later ones share
+        savepoint cdc_chunk, set again every SAVEPOINT_EVERY chunks; on a data error every
+        chunk since it is rolled back and applied again, each run isolated (`_chunks`).
+        """
+        if self.opts.outbox is None:
+            segments = ()  # (only the outbox needs them: not kept in `_chunks` for nothing)
+        if not runs and not rejected and not segments:
+            return 0  # nothing of this chunk for this site: no savepoint, nothing kept
         n = 0
-        # Runs that need no result back are sent in pipeline mode: one round trip for the
-        # chunk. The first chunk of a target transaction needs no savepoint: on a data error
-        # the whole (otherwise empty) transaction is rolled back and the chunk isolated.
         first = not self._dirty
+        chunk = _Chunk(runs, begin, rejected, segments, (self.dead_letters, self.conflicts))
+        head: list[str] = []
+        if not first:
+            if not self._chunks or len(self._chunks) >= SAVEPOINT_EVERY:
+                if self._chunks:
+                    head.append("RELEASE SAVEPOINT cdc_chunk")
+                head.append("SAVEPOINT cdc_chunk")
+                self._chunks = []
+            self._chunks.append(chunk)
+        # Runs that need no result back are sent in pipeline mode: one round trip for the
+        # chunk.
         pipelined = not any(self._needs_results(run) for run in runs)
         with self.conn.cursor() as cur:
             try:
@@ -349,8 +389,8 @@ class SiteWriter:
                     self._deferred = deferred
                     try:
                         with self.conn.pipeline():
-                            if not first:
-                                cur.execute("SAVEPOINT cdc_chunk")
+                            for statement in head:
+                                cur.execute(statement)
                             for run in runs:
                                 n += self._apply_run(cur, run, begin)
                     finally:
@@ -358,33 +398,48 @@ class SiteWriter:
                     for check in deferred:
                         check()
                 else:
-                    if not first:
-                        cur.execute("SAVEPOINT cdc_chunk")
+                    for statement in head:
+                        cur.execute(statement)
                     for run in runs:
                         n += self._apply_run(cur, run, begin)
-                if not first:
-                    cur.execute("RELEASE SAVEPOINT cdc_chunk")
             except Exception as exc:
                 if not (is_data_error(exc) or _is_user_error(exc)):
                     raise
                 if first:
                     self.conn.rollback()
+                    again = [chunk]
                 else:
                     cur.execute("ROLLBACK TO SAVEPOINT cdc_chunk")
-                n = sum(self._apply_isolated(cur, run, begin) for run in runs)
-            for ch, err in rejected:
-                self._dead_letter(cur, ch, begin, str(err), None)
+                    again = self._chunks
+                    self.dead_letters, self.conflicts = again[0].counters
+                for c in again:
+                    n = sum(self._apply_isolated(cur, run, c.begin) for run in c.runs)
+                    self._finish_chunk(cur, c)
+            else:
+                self._finish_chunk(cur, chunk)
             self._dirty = True
-            if self.opts.outbox is not None:
-                for seg_begin, seg_changes in segments:
-                    if seg_begin is not None:
-                        self._write_outbox(cur, seg_begin, seg_changes)
         return n
+
+    def _finish_chunk(self, cur: psycopg.Cursor[Any], chunk: _Chunk) -> None:
+        """What follows a chunk's runs: its dead letters, and its events in the outbox."""
+        for ch, err in chunk.rejected:
+            self._dead_letter(cur, ch, chunk.begin, str(err), None)
+        if self.opts.outbox is not None:
+            for seg_begin, seg_changes in chunk.segments:
+                if seg_begin is not None:
+                    self._write_outbox(cur, seg_begin, seg_changes)
+
+    def _release_chunks(self) -> None:
+        """Make the chunks since savepoint cdc_chunk final (before a savepoint of another
+        kind: a rollback to cdc_chunk must never undo what they cover)."""
+        if self._chunks:
+            self.conn.execute("RELEASE SAVEPOINT cdc_chunk")
+            self._chunks = []
 
     # -- chunks sent ahead of their results ---------------------------------------------------
     # A big chunk on the fast path is sent without waiting for the previous one's results, so
     # the site never idles between chunks; at most two batches are outstanding. Every
-    # AHEAD_SAVEPOINT_EVERY batches, one begins with "RELEASE SAVEPOINT cdc_ahead" (the
+    # SAVEPOINT_EVERY batches, one begins with "RELEASE SAVEPOINT cdc_ahead" (the
     # previous one) and "SAVEPOINT cdc_ahead"; the batches since are kept (`_window`). When a
     # batch's results show trouble, everything since the savepoint still in force is rolled
     # back: after an error that is the last savepoint at or before the failed batch (the server
@@ -428,7 +483,10 @@ class SiteWriter:
         head: list[Statement] = []
         if not self._ahead and self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             head.append((b"BEGIN", None))  # what psycopg sends before a first statement
-        savepoint = not self._window or self._window[-1].after >= AHEAD_SAVEPOINT_EVERY - 1
+        if self._chunks:  # chunks applied at once before: final now (see `_release_chunks`)
+            head.append((b"RELEASE SAVEPOINT cdc_chunk", None))
+            self._chunks = []
+        savepoint = not self._window or self._window[-1].after >= SAVEPOINT_EVERY - 1
         if savepoint:
             if self._ahead_sp:
                 head.append((b"RELEASE SAVEPOINT cdc_ahead", None))
@@ -495,8 +553,9 @@ class SiteWriter:
                     self._write_missing(cur, st, run, batch.begin)
             for b in window[start:]:
                 self._run_chunk(b.runs, b.begin, (), ())
-            cur.execute("RELEASE SAVEPOINT cdc_ahead")
+            cur.execute("RELEASE SAVEPOINT cdc_ahead")  # (and any cdc_chunk set in it)
         self._ahead_sp = False
+        self._chunks = []
 
     def _plan_table(self, st: SiteTable, keys: dict[int, tuple[int, ...]],
                     compact: set[int]) -> None:

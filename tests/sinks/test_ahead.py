@@ -162,7 +162,7 @@ def test_a_table_first_described_inside_a_later_pipelined_chunk(
     assert qty(site)[40] == 2
 
 
-# -- one savepoint per AHEAD_SAVEPOINT_EVERY batches ------------------------------------------
+# -- one savepoint per SAVEPOINT_EVERY chunks ---------------------------------------------------
 
 def _next_xid(dsn: str) -> int:
     return int(scalar(dsn, "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
@@ -187,7 +187,7 @@ def _expected(n: int) -> dict[int, int]:
 
 
 def test_chunks_sent_ahead_share_savepoints(rows240: str, writer: SiteWriter) -> None:
-    """12 batches, one savepoint per AHEAD_SAVEPOINT_EVERY (8): 2 subtransactions on the site,
+    """12 batches, one savepoint per SAVEPOINT_EVERY (8): 2 subtransactions on the site,
     not 12 (each savepoint that writes takes a transaction id of its own)."""
     site = rows240
     before = _next_xid(site)
@@ -232,3 +232,58 @@ def test_missing_rows_far_from_the_savepoint(rows240: str, writer: SiteWriter,
     assert qty(site) == _expected(12)
     assert scalar(site, "SELECT count(*) FROM cdc_sync.conflicts WHERE kind = 'update_missing'") == 1
     assert dead_ids(site) == []
+
+
+@pytest.fixture
+def at_once(site: str) -> Iterator[SiteWriter]:
+    """A writer that applies 20-change chunks at once (below its ahead_min_changes)."""
+    w = SiteWriter(connect_site(site), "src")
+    yield w
+    w.conn.close()
+
+
+def test_chunks_applied_at_once_share_savepoints(rows240: str, at_once: SiteWriter) -> None:
+    """12 chunks applied at once: the first needs no savepoint, the 11 others share 2."""
+    site = rows240
+    before = _next_xid(site)
+    at_once.begin()
+    for chunk in _chunks(12):
+        at_once.apply(chunk)
+    at_once.commit(Lsn(0x100), NOW)
+    assert at_once.sent_ahead == 0
+    assert _next_xid(site) - before == 1 + 2
+    assert qty(site) == _expected(12)
+
+
+@pytest.mark.parametrize("bad_chunk", [1, 2, 5, 9, 10, 12])
+def test_chunks_applied_at_once_after_an_error_far_from_the_savepoint(
+        rows240: str, at_once: SiteWriter, bad_chunk: int) -> None:
+    """An error rolls back every chunk since savepoint cdc_chunk; they are applied again, so
+    nothing is lost, and an earlier chunk's own dead letter is neither lost nor counted twice."""
+    site = rows240
+    bad = {3: 45, bad_chunk: 20 * bad_chunk - 15} if bad_chunk != 3 else {3: 45}
+    at_once.begin()
+    for chunk in _chunks(12, bad):
+        at_once.apply(chunk)
+    at_once.commit(Lsn(0x100), NOW)
+    assert dead_ids(site) == sorted(bad.values())
+    assert at_once.dead_letters == len(bad)
+    assert qty(site) == {**_expected(12), **{row: 0 for row in bad.values()}}
+
+
+def test_chunks_applied_at_once_then_sent_ahead_then_an_error(site: str, rows240: str) -> None:
+    """Chunks applied at once, then chunks sent ahead, then an error in a chunk applied at once
+    again: each kind's savepoint undoes only its own chunks."""
+    w = SiteWriter(connect_site(site), "src")
+    try:
+        chunks = _chunks(9, {9: 165})
+        w.begin()
+        for k, chunk in enumerate(chunks, 1):
+            w.ahead_min_changes = 10 if k in (4, 5, 6) else 1000
+            w.apply(chunk)
+        w.commit(Lsn(0x100), NOW)
+        assert w.sent_ahead == 3
+    finally:
+        w.conn.close()
+    assert dead_ids(site) == [165]
+    assert qty(site) == {**_expected(9), 165: 0}
