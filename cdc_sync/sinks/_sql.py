@@ -63,12 +63,10 @@ _BINARY_PARAM = sql.SQL("%b::text[]")
 _PACKED_PARAM = sql.SQL("string_to_array(%s, E'\\x1f', E'\\x1e')")
 
 
-def rows_from(aliases: Sequence[sql.Identifier], packed: bool = False,
-              param: sql.Composable | None = None) -> sql.Composed:
-    """`(SELECT unnest(<param>) AS <alias>, …) AS v`: one text-array parameter per alias, as
-    rows (see the module docstring); `param` defaults to the packed or binary form."""
-    if param is None:
-        param = _PACKED_PARAM if packed else _BINARY_PARAM
+def rows_from(aliases: Sequence[sql.Identifier], packed: bool = False) -> sql.Composed:
+    """`(SELECT unnest(<param>) AS <alias>, …) AS v`: one text-array parameter per alias (packed
+    or binary), as rows (see the module docstring)."""
+    param = _PACKED_PARAM if packed else _BINARY_PARAM
     return sql.SQL("(SELECT {}) AS v").format(sql.SQL(", ").join(
         sql.SQL("unnest({}) AS {}").format(param, a) for a in aliases))
 
