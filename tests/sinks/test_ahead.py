@@ -287,3 +287,24 @@ def test_chunks_applied_at_once_then_sent_ahead_then_an_error(site: str, rows240
         w.conn.close()
     assert dead_ids(site) == [165]
     assert qty(site) == {**_expected(9), 165: 0}
+
+
+def test_chunks_applied_at_once_around_a_subtransaction(rows240: str, at_once: SiteWriter) -> None:
+    """A streamed subtransaction's savepoint between chunks applied at once: its rollback undoes
+    only its own chunks, and a later error undoes only the chunks after it."""
+    site = rows240
+    chunks = _chunks(8, {8: 145})
+    at_once.begin()
+    for chunk in chunks[:3]:
+        at_once.apply(chunk)
+    at_once.savepoint("cdc_sub_1")
+    for chunk in chunks[3:5]:
+        at_once.apply(chunk)
+    at_once.rollback_to("cdc_sub_1")
+    for chunk in chunks[5:]:
+        at_once.apply(chunk)
+    at_once.commit(Lsn(0x100), NOW)
+    expected = {**_expected(8), 145: 0}
+    expected.update({i: 0 for i in range(61, 101)})  # chunks 4 and 5: rolled back
+    assert qty(site) == expected
+    assert dead_ids(site) == [145]
