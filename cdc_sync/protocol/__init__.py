@@ -53,27 +53,20 @@ if TYPE_CHECKING:
     )
     from ._time import PG_EPOCH, datetime_to_pg_timestamp, pg_timestamp_to_datetime
 
-_SUBMODULE_NAMES = {
-    "_decode": ("ROW_TAGS", "RowData", "decode_message", "decode_row", "decode_streamed"),
-    "_frames": ("XLOG_DATA_HEADER_SIZE", "PrimaryKeepalive", "XLogData", "decode_copy_data",
-                "encode_standby_status"),
-    "_messages": ("TRUNCATE_CASCADE", "TRUNCATE_RESTART_IDENTITY", "UNCHANGED_TOAST", "Begin",
-                  "Column", "Commit", "Delete", "Insert", "Message", "MessageKind",
-                  "OldTupleKind", "Origin", "PgOutputMessage", "Relation", "ReplicaIdentity",
-                  "StreamAbort", "StreamCommit", "StreamStart", "StreamStop", "Truncate",
-                  "TupleData", "TupleKind", "Type", "Update", "Value"),
-    "_time": ("PG_EPOCH", "datetime_to_pg_timestamp", "pg_timestamp_to_datetime"),
-}
-_MODULE_OF = {name: module for module, names in _SUBMODULE_NAMES.items() for name in names}
+# Where `__getattr__` looks for an exported name, cheapest module first (`_decode` builds the
+# decoder's tables and loads `_messages` itself).
+_SUBMODULES = ("_time", "_frames", "_messages", "_decode")
+_MISSING = object()
 
 
 def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # once loaded, a plain module attribute
-    return value
+    if name in __all__:
+        for module in _SUBMODULES:
+            value = getattr(importlib.import_module(f".{module}", __name__), name, _MISSING)
+            if value is not _MISSING:
+                globals()[name] = value  # once loaded, a plain module attribute
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
