@@ -6,6 +6,7 @@ the `status --json` object of ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -202,12 +203,9 @@ def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], s
                                    ).fetchone()
             merge = bool(nonempty and nonempty[0])
 
-            def rows_cb(n: int, _t: str = t.qualified) -> None:
-                if on_progress is not None:
-                    on_progress(site.name, _t, n)
-
-            total += copy_table(src, dst, t, merge=merge,
-                                on_rows=rows_cb if on_progress is not None else None,
+            on_rows = (None if on_progress is None
+                       else functools.partial(on_progress, site.name, t.qualified))
+            total += copy_table(src, dst, t, merge=merge, on_rows=on_rows,
                                 defer_indexes=not merge)
         if migration is not None:
             migration.result()
