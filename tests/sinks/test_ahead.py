@@ -186,15 +186,19 @@ def _expected(n: int) -> dict[int, int]:
     return {i: (i + 19) // 20 if i <= 20 * n else 0 for i in range(1, 241)}
 
 
+def _apply_in_one_transaction(writer: SiteWriter, chunks: list[list[Change]]) -> None:
+    writer.begin()
+    for chunk in chunks:
+        writer.apply(chunk)
+    writer.commit(Lsn(0x100), NOW)
+
+
 def test_chunks_sent_ahead_share_savepoints(rows240: str, writer: SiteWriter) -> None:
     """12 batches, one savepoint per SAVEPOINT_EVERY (8): 2 subtransactions on the site,
     not 12 (each savepoint that writes takes a transaction id of its own)."""
     site = rows240
     before = _next_xid(site)
-    writer.begin()
-    for chunk in _chunks(12):
-        writer.apply(chunk)
-    writer.commit(Lsn(0x100), NOW)
+    _apply_in_one_transaction(writer, _chunks(12))
     assert (writer.sent_ahead, writer.ahead_savepoints) == (12, 2)
     assert _next_xid(site) - before == 1 + 2  # the transaction and its 2 subtransactions
     assert qty(site) == _expected(12)
@@ -207,10 +211,7 @@ def test_a_rejected_change_far_from_the_savepoint(rows240: str, writer: SiteWrit
     settled long ago): they are applied again, the bad change alone is a dead letter."""
     site = rows240
     bad_row = 20 * bad_chunk - 15
-    writer.begin()
-    for chunk in _chunks(12, {bad_chunk: bad_row}):
-        writer.apply(chunk)
-    writer.commit(Lsn(0x100), NOW)
+    _apply_in_one_transaction(writer, _chunks(12, {bad_chunk: bad_row}))
     assert dead_ids(site) == [bad_row]
     assert writer.dead_letters == 1
     assert qty(site) == {**_expected(12), bad_row: 0}
@@ -225,10 +226,7 @@ def test_missing_rows_far_from_the_savepoint(rows240: str, writer: SiteWriter,
     site = rows240
     row = 20 * missing_chunk - 15
     execute(site, "DELETE FROM item WHERE id = %s", params=(row,))
-    writer.begin()
-    for chunk in _chunks(12):
-        writer.apply(chunk)
-    writer.commit(Lsn(0x100), NOW)
+    _apply_in_one_transaction(writer, _chunks(12))
     assert qty(site) == _expected(12)
     assert scalar(site, "SELECT count(*) FROM cdc_sync.conflicts WHERE kind = 'update_missing'") == 1
     assert dead_ids(site) == []
@@ -246,10 +244,7 @@ def test_chunks_applied_at_once_share_savepoints(rows240: str, at_once: SiteWrit
     """12 chunks applied at once: the first needs no savepoint, the 11 others share 2."""
     site = rows240
     before = _next_xid(site)
-    at_once.begin()
-    for chunk in _chunks(12):
-        at_once.apply(chunk)
-    at_once.commit(Lsn(0x100), NOW)
+    _apply_in_one_transaction(at_once, _chunks(12))
     assert at_once.sent_ahead == 0
     assert _next_xid(site) - before == 1 + 2
     assert qty(site) == _expected(12)
@@ -262,10 +257,7 @@ def test_chunks_applied_at_once_after_an_error_far_from_the_savepoint(
     nothing is lost, and an earlier chunk's own dead letter is neither lost nor counted twice."""
     site = rows240
     bad = {3: 45, bad_chunk: 20 * bad_chunk - 15} if bad_chunk != 3 else {3: 45}
-    at_once.begin()
-    for chunk in _chunks(12, bad):
-        at_once.apply(chunk)
-    at_once.commit(Lsn(0x100), NOW)
+    _apply_in_one_transaction(at_once, _chunks(12, bad))
     assert dead_ids(site) == sorted(bad.values())
     assert at_once.dead_letters == len(bad)
     assert qty(site) == {**_expected(12), **{row: 0 for row in bad.values()}}
