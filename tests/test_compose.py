@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,16 @@ def test_prometheus_scrapes_the_replicator_metrics_port() -> None:
 def test_dockerfile_installs_the_package_with_cdc_sync_as_entrypoint() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.12-slim" in dockerfile
-    assert re.search(r"^RUN pip install \.", dockerfile, re.M)
-    assert 'ENTRYPOINT ["cdc-sync"]' in dockerfile
-    # Everything `pip install .` needs is copied (hatch force-includes migrations/).
-    for needed in ("pyproject.toml", "README.md", "cdc_sync", "migrations"):
-        assert re.search(rf"^COPY .*\b{re.escape(needed)}\b", dockerfile, re.M), needed
+    # A build stage with a compiler makes the wheel (with the C decoder); the image installs it.
+    build, image = dockerfile.split("\nFROM python:3.12-slim\n")
+    assert "FROM python:3.12-slim AS build" in build and re.search(r"apt-get install .*\bgcc\b", build)
+    assert re.search(r"^RUN pip wheel .*--wheel-dir /wheels \.$", build, re.M)
+    assert "COPY --from=build /wheels /wheels" in image
+    assert re.search(r"^RUN pip install /wheels/\*\.whl", image, re.M)
+    assert 'ENTRYPOINT ["cdc-sync"]' in image
+    # Everything building the wheel needs is copied (hatch force-includes migrations/ and runs
+    # the build hook named in pyproject.toml).
+    hook = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
+        "targets"]["wheel"]["hooks"]["custom"].get("path", "hatch_build.py")
+    for needed in ("pyproject.toml", "README.md", hook, "cdc_sync", "migrations"):
+        assert re.search(rf"^COPY .*\b{re.escape(needed)}\b", build, re.M), needed

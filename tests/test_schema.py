@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -413,15 +414,37 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
          "import sys; sys.path.insert(0, sys.argv[1]);"
          "from cdc_sync.sinks import schema;"
          "print(schema.__file__); print(schema.script_location()); print(schema.head_revision());"
-         "print(schema.head_sql(schema.head_revision()) is not None)",
+         "print(schema.head_sql(schema.head_revision()) is not None);"
+         "from cdc_sync.protocol import _decode; print(_decode._fast_row is not None)",
          str(site)],
         capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert probe.returncode == 0, probe.stderr
-    module, location, head, has_head_sql = probe.stdout.split()
+    module, location, head, has_head_sql, c_decoder = probe.stdout.split()
     assert module.startswith(str(site))
     assert location == str(site / "cdc_sync" / "_migrations")
     assert head == "0002"
     assert has_head_sql == "True"
+    # With a compiler (CI has one), the wheel carries the C decoder and the package uses it.
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert any(n.startswith("cdc_sync/protocol/_speedups.") and n.endswith((".so", ".pyd"))
+                   for n in names)
+        assert not wheel.name.endswith("-py3-none-any.whl")
+        assert c_decoder == "True"
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_wheel_is_pure_python(tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out), str(REPO)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "CC": "/bin/false"})
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "the C decoder was not built" in build.stdout + build.stderr
+    (wheel,) = out.glob("cdc_sync-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert not [n for n in archive.namelist() if n.endswith((".so", ".pyd"))]
+        assert "cdc_sync/protocol/_speedups.c" in archive.namelist()
 
 
 # -- the cheap path ----------------------------------------------------------------------------

@@ -16,9 +16,14 @@ messages that carry none there, such as Origin and Stream Stop). Two-phase messa
 are refused by name. Integers are network byte order; oids and LSNs are unsigned, timestamps and
 type modifiers signed.
 
-Speed matters: a transaction of a million rows is decoded here, in Python (measured on
-CPython 3.11: 0.42-0.47 million 5-column text Updates a second, about 2.2 us each; 3.0 us with
-the frame header). `_read_tuple` is the hot loop: one call per tuple, not per column; one
+Speed matters: a transaction of a million rows is decoded here. `decode_row`, the per-row hot
+path, runs the optional C decoder `_speedups.read_row` (built at install when a compiler is
+there, see `hatch_build.py`) for well-formed rows: 0.4-0.7 us per 4-column Update against
+3.4-3.9 us in Python, measured on this project's 2-CPU machine. It returns None for anything
+else, and the Python code below, the reference, decodes it and raises the ProtocolError; tests
+compare the two on captured, generated and corrupted messages. In Python (CPython 3.11: 0.42-0.47
+million 5-column text Updates a second, about 2.2 us each; 3.0 us with the frame header),
+`_read_tuple` is the hot loop: one call per tuple, not per column; one
 precompiled `struct` read per column for kind and length (over a zero-padded copy of the
 message, one copy per tuple); bound methods in locals; kind bytes compared as int literals.
 Insert, Update and Delete are built by `_new_insert`/`_new_update`/`_new_delete`, which fill
@@ -157,12 +162,35 @@ RowData = tuple[int | None, int, int, int, "TupleData | None", "TupleData | None
 'O' old row), old tuple or None, new tuple or None (Delete))."""
 
 
+def _load_speedups() -> Callable[[bytes, bool, object], RowData | None] | None:
+    """`_speedups.read_row`, the C decoder, when it was built at install (`hatch_build.py`)."""
+    try:
+        from ._speedups import read_row
+    except ImportError:
+        return None
+    return read_row
+
+
+# Same results as `_read_row_py` for well-formed rows, None for anything else (then the Python
+# path below decodes it and raises the right ProtocolError): about 8x faster.
+_fast_row = _load_speedups()
+
+
 def decode_row(buf: bytes, streamed: bool = False) -> RowData:
     """Decode an Insert, Update or Delete (tag in `ROW_TAGS`) straight into a plain tuple.
 
     The same checks and errors as `decode_message` (offsets from the tag byte); with
     `streamed`, the message comes from a block of streamed changes and carries an xid.
     """
+    if _fast_row is not None:
+        row = _fast_row(buf, streamed, UNCHANGED_TOAST)
+        if row is not None:
+            return row
+    return _read_row_py(buf, streamed)
+
+
+def _read_row_py(buf: bytes, streamed: bool) -> RowData:
+    """`decode_row` in Python: the reference, and the one that explains errors."""
     xid: int | None = None
     start = 1
     if streamed:
@@ -183,6 +211,8 @@ def _read_row(buf: bytes, start: int
               ) -> tuple[int, int, int, TupleData | None, TupleData | None, int]:
     """`logicalrep_read_insert/update/delete` from `start` (after the tag and any xid): (tag,
     relation oid, old-tuple marker, old tuple, new tuple, offset after the message)."""
+    if not buf:
+        raise ProtocolError("empty pgoutput message", 0)
     tag = buf[0]
     name = _ROW_NAMES.get(tag)
     if name is None:

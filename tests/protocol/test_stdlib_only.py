@@ -4,6 +4,7 @@ and none of its I/O, clock or logging modules: the codecs are pure functions of 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -50,3 +51,16 @@ def test_the_check_catches_third_party_and_io(tmp_path: Path) -> None:
     ]
     assert "psycopg" not in sys.stdlib_module_names
     assert "socket" in IO_MODULES and "struct" in sys.stdlib_module_names
+
+
+# The optional C decoder (`_speedups.c`) keeps the same rule: the CPython API and the C standard
+# library's pure headers, no I/O.
+C_HEADERS = {"Python.h", "stdint.h", "string.h", "stddef.h", "limits.h"}
+
+
+def test_c_sources_include_only_python_and_pure_c_headers() -> None:
+    sources = sorted(PROTOCOL_DIR.glob("*.c"))
+    assert [p.name for p in sources] == ["_speedups.c"]
+    for path in sources:
+        includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), re.MULTILINE)
+        assert includes and set(includes) <= C_HEADERS, (path.name, includes)
