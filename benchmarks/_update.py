@@ -54,17 +54,17 @@ def setup(harness: Harness, key: str, *, rows: int, sites: int, native: bool) ->
     replication: NativeReplication | None = None
     if native:
         native_dbs = [f"native_{key}{n}" for n in range(1, sites + 1)]
-        for db in native_dbs:
-            harness.site_db(db)
+        for n, db in enumerate(native_dbs, 1):
+            harness.site_db(db, n)
             for statement in (ROWS_DDL, MARKER_SITE_DDL, fill):
-                harness.site.execute(statement, dbname=db)
+                harness.site_cluster(db).execute(statement, dbname=db)
         replication = NativeReplication(harness, f"native_{key}", source_db, native_dbs, TABLES)
         replication.create()
     cdc_dbs = [f"cdc_{key}{n}" for n in range(1, sites + 1)]
-    for db in cdc_dbs:
-        harness.site_db(db)
+    for n, db in enumerate(cdc_dbs, 1):
+        harness.site_db(db, n)
         for statement in (ROWS_DDL, MARKER_SITE_DDL):
-            harness.site.execute(statement, dbname=db)
+            harness.site_cluster(db).execute(statement, dbname=db)
     cdc = CdcSync(harness, f"cdc_{key}", source_db, cdc_dbs, TABLES)
     log(f"  cdc-sync init ({len(cdc_dbs)} sites)")
     cdc.init()
@@ -110,4 +110,5 @@ def fanout_scenario(key: str, *, sites: int, ratio: float, rows: int = FANOUT_RO
         unit="s",
         target=Target("ratio", ratio),
         run=run,
+        sites=sites,
     )

@@ -1,10 +1,11 @@
 """The clusters, the two replication systems and the measuring helpers the scenarios share.
 
-Layout: one *source* cluster and one *subscriber* cluster, both throwaway
-(``cdc_sync.embedded.cluster``) and of the same PostgreSQL version. Each scenario gets its own
-source database; native replication and cdc-sync each get their own databases on the
-subscriber cluster (``native_…`` and ``cdc_…``). ``Harness.reset()`` drops them all (and with
-them every slot) between scenarios.
+Layout: one *source* cluster and one *subscriber* cluster per site (as many as the scenarios
+run need: site ``n`` of a scenario lives in subscriber cluster ``n``), all throwaway
+(``cdc_sync.embedded.cluster``) and of the same PostgreSQL version: each site is its own
+server, as in production. Each scenario gets its own source database; native replication and
+cdc-sync each get their own databases on the subscriber clusters (``native_…`` and ``cdc_…``).
+``Harness.reset()`` drops them all (and with them every slot) between scenarios.
 
 Fairness: only one system is *attached* (streaming) at a time, so they never compete for the
 two CPUs. Before a system is attached its slots are advanced to the source's current WAL
@@ -188,27 +189,33 @@ class Harness:
     frozen copy of cdc-sync's code that its processes run (``env``)."""
 
     source: Cluster
-    site: Cluster
+    sites: list[Cluster]  # subscriber clusters: a scenario's site n lives in sites[n - 1]
     workdir: Path
     code: dict[str, Any]
     env: dict[str, str]
     native_streaming: str = "off"  # the native subscriptions' `streaming` option
     _children: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _placed: dict[str, Cluster] = field(default_factory=dict)  # site database -> its cluster
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, major: int) -> Iterator[Harness]:
-        """Create both clusters (PostgreSQL ``major``); destroy them on leaving the block."""
+    def open(cls, major: int, *, site_clusters: int = 1) -> Iterator[Harness]:
+        """Create the source and ``site_clusters`` subscriber clusters (PostgreSQL ``major``);
+        destroy them on leaving the block."""
         binaries = pick_server(major)
         workdir = Path(tempfile.mkdtemp(prefix="cdc_sync-bench-"))
         code = freeze_code(workdir / "code")
         # cdc-sync processes run in workdir: ``-m`` puts the cwd first on sys.path
         env = {**os.environ, "PYTHONPATH": str(workdir / "code")}
         log(f"cdc-sync code: {code}")
-        log(f"starting the source and subscriber clusters ({binaries})")
-        with Cluster.create(binaries=binaries, settings=CLUSTER_SETTINGS) as source, \
-                Cluster.create(binaries=binaries, settings=CLUSTER_SETTINGS) as site:
-            harness = cls(source=source, site=site, workdir=workdir, code=code, env=env)
+        log(f"starting the source and {site_clusters} subscriber cluster(s) ({binaries})")
+        with contextlib.ExitStack() as clusters:
+            source = clusters.enter_context(
+                Cluster.create(binaries=binaries, settings=CLUSTER_SETTINGS))
+            sites = [clusters.enter_context(
+                Cluster.create(binaries=binaries, settings=CLUSTER_SETTINGS))
+                for _ in range(max(1, site_clusters))]
+            harness = cls(source=source, sites=sites, workdir=workdir, code=code, env=env)
             failed = True
             try:
                 yield harness
@@ -242,28 +249,44 @@ class Harness:
         self.source.drop_database(name)
         return self.source.create_database(name)
 
-    def site_db(self, name: str) -> str:
-        """A fresh database on the subscriber cluster; its DSN."""
-        self.site.drop_database(name)
-        return self.site.create_database(name)
+    @property
+    def site(self) -> Cluster:
+        """The first subscriber cluster (the one of single-site scenarios)."""
+        return self.sites[0]
+
+    def site_db(self, name: str, number: int = 1) -> str:
+        """A fresh database for a scenario's site ``number`` (1, 2, …) on that site's subscriber
+        cluster (the clusters are reused round-robin if there are fewer); its DSN."""
+        cluster = self.sites[(number - 1) % len(self.sites)]
+        cluster.drop_database(name)
+        self._placed[name] = cluster
+        return cluster.create_database(name)
+
+    def site_cluster(self, name: str) -> Cluster:
+        """The subscriber cluster holding site database ``name``."""
+        return self._placed.get(name, self.site)
+
+    def site_dsn(self, name: str) -> str:
+        return self.site_cluster(name).dsn(name)
 
     def reset(self) -> None:
-        """Stop cdc-sync processes, drop every database of both clusters (subscriptions first,
+        """Stop cdc-sync processes, drop every database of all clusters (subscriptions first,
         then sources with their slots)."""
         self.stop_children()
-        for cluster in (self.site, self.source):
+        self._placed.clear()
+        for cluster in (*self.sites, self.source):
             for (name,) in cluster.execute(
                     "SELECT datname FROM pg_database WHERE NOT datistemplate "
                     "AND datname <> 'postgres'"):
                 cluster.drop_database(name)
 
     def quiesce(self, source_db: str, site_dbs: Sequence[str]) -> None:
-        """Before a timed run: vacuum the databases involved and checkpoint both clusters."""
+        """Before a timed run: vacuum the databases involved and checkpoint every cluster."""
         self.source.execute("VACUUM (ANALYZE)", dbname=source_db)
         for name in site_dbs:
-            self.site.execute("VACUUM (ANALYZE)", dbname=name)
-        self.source.execute("CHECKPOINT")
-        self.site.execute("CHECKPOINT")
+            self.site_cluster(name).execute("VACUUM (ANALYZE)", dbname=name)
+        for cluster in (self.source, *self.sites):
+            cluster.execute("CHECKPOINT")
 
     def advance_slot(self, source_db: str, slot: str) -> None:
         """Move an inactive slot to the source's current WAL position."""
@@ -371,7 +394,7 @@ class NativeReplication:
             dbname=self.source_db)
 
     def create_subscription(self, site_db: str, *, copy_data: bool, enabled: bool) -> None:
-        self.h.site.execute(
+        self.h.site_cluster(site_db).execute(
             sql.SQL("CREATE SUBSCRIPTION {} CONNECTION {} PUBLICATION {} "
                     "WITH (copy_data = {}, enabled = {}, streaming = {})").format(
                 sql.Identifier(self.subscription(site_db)),
@@ -389,19 +412,19 @@ class NativeReplication:
 
     def synced(self, site_db: str, tables: int) -> bool:
         """Whether all ``tables`` of the subscription in ``site_db`` are ready ('r')."""
-        row = self.h.site.execute(
+        row = self.h.site_cluster(site_db).execute(
             "SELECT count(*) FILTER (WHERE srsubstate = 'r'), count(*) FROM pg_subscription_rel",
             dbname=site_db)[0]
         return bool(row[0] == row[1] == tables)
 
     def drop_subscription(self, site_db: str) -> None:
         """DROP SUBSCRIPTION (which drops its slot at the source)."""
-        self.h.site.execute(sql.SQL("DROP SUBSCRIPTION {}").format(
+        self.h.site_cluster(site_db).execute(sql.SQL("DROP SUBSCRIPTION {}").format(
             sql.Identifier(self.subscription(site_db))), dbname=site_db)
 
     def _alter(self, action: str) -> None:
         for db in self.site_dbs:
-            self.h.site.execute(sql.SQL("ALTER SUBSCRIPTION {} {}").format(
+            self.h.site_cluster(db).execute(sql.SQL("ALTER SUBSCRIPTION {} {}").format(
                 sql.Identifier(self.subscription(db)), sql.SQL(action)), dbname=db)
 
     def attach(self) -> None:
@@ -452,7 +475,7 @@ class CdcSync:
             f"tables = {_toml(list(tables))}",
         ]
         for db in site_dbs:
-            lines += ["", "[[sites]]", f"name = {_toml(db)}", f"dsn = {_toml(harness.site.dsn(db))}"]
+            lines += ["", "[[sites]]", f"name = {_toml(db)}", f"dsn = {_toml(harness.site_dsn(db))}"]
         self.config.write_text("\n".join(lines) + "\n")
 
     def _command(self, verb: str) -> list[str]:
@@ -532,7 +555,7 @@ def measure_attached(harness: Harness, system: Replicator, source_db: str,
     harness.quiesce(source_db, system.site_dbs)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(connect(harness.source.dsn(source_db)))
-        sites = [stack.enter_context(connect(harness.site.dsn(db))) for db in system.site_dbs]
+        sites = [stack.enter_context(connect(harness.site_dsn(db))) for db in system.site_dbs]
         with attached(system, source, sites):
             workload(source)
             start = time.monotonic()

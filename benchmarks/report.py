@@ -61,6 +61,7 @@ class Scenario:
     unit: str
     target: Target
     run: Callable[[Harness, int], Measurement]
+    sites: int = 1  # site databases, each on its own subscriber cluster
 
 
 def _median(samples: Sequence[float] | None) -> float | None:

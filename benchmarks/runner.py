@@ -1,6 +1,7 @@
 """The command line: run the selected scenarios on one pair of clusters and report.
 
-``python -m benchmarks [--quick] [--only a,b] [--server 15|16] [--repetitions N]``
+``python -m benchmarks [--quick] [--only a,b] [--server 15|16] [--repetitions N]
+[--native-streaming off|on|parallel] [--one-site-cluster] [--results-dir DIR]``
 
 Prints the results table on stdout (progress on stderr) and writes
 ``benchmarks/results/latest.json`` and ``latest.md``. Exit status 0 when every scenario
@@ -62,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--native-streaming", choices=("off", "on", "parallel"), default="off",
                         help="the native subscriptions' `streaming` option (default off, "
                              "PostgreSQL's default; `parallel` needs 16)")
+    parser.add_argument("--one-site-cluster", action="store_true",
+                        help="put every site database in one subscriber cluster (by default "
+                             "each site of a scenario has its own, as in production)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where latest.json and latest.md go (default benchmarks/results)")
     return parser
@@ -111,8 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--repetitions must be at least 1")
     results: list[ScenarioResult] = []
     load_before = os.getloadavg()
+    site_clusters = 1 if args.one_site_cluster else max(s.sites for s in scenarios)
     try:
-        with Harness.open(args.server) as harness:
+        with Harness.open(args.server, site_clusters=site_clusters) as harness:
             harness.native_streaming = args.native_streaming
             server, code = harness.server, harness.code
             for scenario in scenarios:
@@ -129,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repetitions": repetitions,
         "quick": args.quick,
         "native_streaming": args.native_streaming,
+        "site_clusters": site_clusters,
         "scenarios_run": [s.key for s in scenarios],
         # 1-minute load averages: far above the CPU count, other work competed with the run
         "load_average": {"start": round(load_before[0], 2),
