@@ -16,6 +16,7 @@ import shutil
 import struct
 import sysconfig
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,18 @@ def test_the_c_decoder_is_built_and_used_where_a_compiler_exists() -> None:
         pytest.skip("no C compiler here: the pure-Python decoder is the one installed")
     assert _decode._fast_row is not None, "reinstall (pip install -e .) to build _speedups"
     assert _decode._fast_row.__module__ == "cdc_sync.protocol._speedups"
+
+
+def test_an_in_place_build_is_not_older_than_its_source(fast: FastRow) -> None:
+    # An editable install builds the module next to its source; after the C file changes, only
+    # a reinstall (`pip install -e .`, which ./scripts/test does) rebuilds it.
+    from cdc_sync.protocol import _speedups
+
+    built = Path(_speedups.__file__)
+    source = built.with_name("_speedups.c")
+    if source.exists():
+        assert built.stat().st_mtime >= source.stat().st_mtime, \
+            f"{built.name} is older than _speedups.c: run `pip install -e .` to rebuild it"
 
 
 def test_without_the_c_decoder_decode_row_is_the_python_one(monkeypatch: pytest.MonkeyPatch) -> None:
