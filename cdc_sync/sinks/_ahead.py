@@ -13,6 +13,10 @@ Contract:
   `Outcome` per statement, in order (rows affected; or the error, as the psycopg exception the
   server's error maps to; statements after an error in the same or a later batch, up to the
   next Sync the server skipped, are `aborted`).
+- Statements with parameters are prepared on the connection the first time their text is sent
+  (named `cdc_ahead_N`), then executed by name: the site parses and plans a statement once, as
+  with psycopg's own prepared statements, not once per batch. A failed or skipped preparation
+  is forgotten (made again next time); a failed one's error is the statement's outcome.
 - `close()`, with nothing outstanding, leaves the pipeline mode `send` entered (never psycopg's
   own): the connection can be used through psycopg again. `discard()` reads and drops every
   outstanding result, then closes.
@@ -75,7 +79,9 @@ class AheadPipe:
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._conn = conn
-        self._batches: deque[int] = deque()  # statements per outstanding batch
+        # per outstanding batch, per statement: the name it was prepared under in this batch
+        self._batches: deque[list[bytes | None]] = deque()
+        self._names: dict[bytes, bytes] = {}  # statement text -> prepared statement name
         self._entered = False  # we put the connection in pipeline mode (not psycopg)
 
     @property
@@ -88,22 +94,47 @@ class AheadPipe:
         if not self._entered:
             pg.enter_pipeline_mode()
             self._entered = True
+        prepared: list[bytes | None] = []
         for query, params in statements:
-            pg.send_query_params(query, params)
+            if params is None:
+                pg.send_query_params(query, None)
+                prepared.append(None)
+                continue
+            name = self._names.get(query)
+            if name is None:
+                name = self._names[query] = b"cdc_ahead_%d" % len(self._names)
+                pg.send_prepare(name, query)
+                prepared.append(name)
+            else:
+                prepared.append(None)
+            pg.send_query_prepared(name, params)
         pg.pipeline_sync()
-        self._batches.append(len(statements))
+        self._batches.append(prepared)
         self._flush(pg)
 
     def collect(self) -> list[Outcome]:
-        count = self._batches.popleft()
+        prepared = self._batches.popleft()
         pg = self._conn.pgconn
         outcomes: list[Outcome] = []
-        for _ in range(count):
+        for name in prepared:
+            failed: psycopg.Error | None = None  # the statement's preparation failed
+            if name is not None:  # the statement's preparation comes first
+                res = self._next(pg)
+                if res is None:
+                    raise e.InternalError("site: pipeline out of step (a result is missing)")
+                if res.status != pq.ExecStatus.COMMAND_OK:  # failed or skipped: not prepared
+                    self._names = {q: n for q, n in self._names.items() if n != name}
+                    if res.status == pq.ExecStatus.FATAL_ERROR:
+                        failed = e.error_from_result(res, encoding=self._conn.info.encoding)
+                while self._next(pg) is not None:
+                    pass
             res = self._next(pg)
             if res is None:
                 raise e.InternalError("site: pipeline out of step (a result is missing)")
             status = res.status
-            if status == pq.ExecStatus.FATAL_ERROR:
+            if failed is not None:  # (the execution itself was skipped)
+                outcomes.append(Outcome(error=failed))
+            elif status == pq.ExecStatus.FATAL_ERROR:
                 outcomes.append(Outcome(error=e.error_from_result(
                     res, encoding=self._conn.info.encoding)))
             elif status == pq.ExecStatus.PIPELINE_ABORTED:

@@ -31,6 +31,7 @@ from operator import itemgetter
 from typing import Any
 
 import psycopg
+from psycopg import errors as e
 from psycopg import pq, sql
 from psycopg.types.json import Jsonb
 
@@ -66,6 +67,11 @@ AHEAD_MIN_CHANGES = 1000
 # them again after a rollback to it.
 SAVEPOINT_EVERY = 8
 TOMBSTONE_PURGE_INTERVAL = 60.0
+
+_PURGE_TOMBSTONES = dollar_params(
+    "DELETE FROM cdc_sync.tombstones WHERE deleted_at < now() - make_interval(secs => %s::float8)")
+_ORIGIN_XACT_SETUP = dollar_params("SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s::timestamptz)")
+_PROGRESS_UPSERT = dollar_params(_sql.PROGRESS_UPSERT.as_string(None))
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -213,20 +219,20 @@ class SiteWriter:
 
     def commit(self, lsn: Lsn, commit_ts: datetime | None) -> None:
         self._settle()
-        # One round trip: progress and COMMIT travel together (pipeline mode).
-        with self.conn.pipeline(), self.conn.cursor() as cur:
-            now = time.monotonic()
-            if now - self._last_purge >= TOMBSTONE_PURGE_INTERVAL:
-                self._last_purge = now
-                cur.execute("DELETE FROM cdc_sync.tombstones WHERE deleted_at < now() - "
-                            "make_interval(secs => %s)", (self.opts.tombstone_max_age,))
-            if self._origin_ready and commit_ts is not None:
-                # Our commit carries the source's commit time and position (commit-time LWW
-                # compares pg_xact_commit_timestamp of rows written by different offices).
-                cur.execute("SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s)",
-                            (str(lsn), commit_ts))
-            cur.execute(_sql.PROGRESS_UPSERT, (self.source, str(lsn), commit_ts))
-            self.conn.commit()
+        # One round trip: progress and COMMIT travel together (libpq's pipeline).
+        ts = None if commit_ts is None else commit_ts.isoformat().encode()
+        statements: list[Statement] = []
+        now = time.monotonic()
+        if now - self._last_purge >= TOMBSTONE_PURGE_INTERVAL:
+            self._last_purge = now
+            statements.append((_PURGE_TOMBSTONES, [str(self.opts.tombstone_max_age).encode()]))
+        if self._origin_ready and ts is not None:
+            # Our commit carries the source's commit time and position (commit-time LWW
+            # compares pg_xact_commit_timestamp of rows written by different offices).
+            statements.append((_ORIGIN_XACT_SETUP, [str(lsn).encode(), ts]))
+        statements.append((_PROGRESS_UPSERT, [self.source.encode(), str(lsn).encode(), ts]))
+        statements.append((b"COMMIT", None))
+        self._send_now(statements)
         self._in_tx = self._dirty = self._ahead_sp = False
         self._chunks = []
 
@@ -347,17 +353,20 @@ class SiteWriter:
             if take:
                 wanted.append(ch)
         runs = list(plan_runs(whole or wanted, keys, compact=compact))
-        if not rejected and len(segments) <= 1:
-            ahead = self._ahead_statements(runs)
-            if ahead is not None:
-                return self._send_ahead(runs, begin, *ahead)
+        fast = self._fast_statements(runs)
+        if (fast is not None and not rejected and len(segments) <= 1
+                and self.opts.outbox is None
+                and sum(len(run.changes) for run in runs) >= self.ahead_min_changes):
+            return self._send_ahead(runs, begin, *fast)
         self._settle()
-        return self._run_chunk(runs, begin, rejected, segments)
+        return self._run_chunk(runs, begin, rejected, segments, fast)
 
     def _run_chunk(self, runs: Sequence[Run], begin: TxBegin | None,
                    rejected: Sequence[tuple[Change, SiteError]],
-                   segments: Sequence[tuple[TxBegin | None, Sequence[Change]]]) -> int:
-        """Apply `runs` now (nothing sent ahead is outstanding), isolating data errors.
+                   segments: Sequence[tuple[TxBegin | None, Sequence[Change]]],
+                   fast: _FastStatements | None) -> int:
+        """Apply `runs` now (nothing sent ahead is outstanding), isolating data errors; `fast`
+        is `_fast_statements(runs)`.
 
         The first chunk of a target transaction needs no savepoint: on a data error the whole
         (otherwise empty) transaction is rolled back and the chunk isolated. Later ones share
@@ -379,12 +388,23 @@ class SiteWriter:
                 head.append("SAVEPOINT cdc_chunk")
                 self._chunks = []
             self._chunks.append(chunk)
-        # Runs that need no result back are sent in pipeline mode: one round trip for the
-        # chunk.
+        # Runs on the fast path go through libpq's pipeline directly (`_send_now`: one round
+        # trip, a few system calls); other runs that need no result back through psycopg's
+        # pipeline (one round trip too, but a flush and a poll per statement).
         pipelined = not any(self._needs_results(run) for run in runs)
         with self.conn.cursor() as cur:
             try:
-                if pipelined:
+                if fast is not None:
+                    statements, checks = fast
+                    outcomes = self._send_now([(h.encode(), None) for h in head] + statements)
+                    n = sum(len(run.changes) for run in runs)
+                    for i, run, rows in checks:
+                        if outcomes[len(head) + i].rows != rows:
+                            assert run.table is not None
+                            st = self.site_table(run.table)
+                            assert st is not None
+                            self._write_missing(cur, st, run, begin)
+                elif pipelined:
                     deferred: list[Callable[[], None]] = []
                     self._deferred = deferred
                     try:
@@ -446,22 +466,19 @@ class SiteWriter:
     # skipped what followed it), after updates that found no row the last one sent. The
     # batches undone are then applied again as `_run_chunk` does it (dead letters, missing
     # rows); a troubled batch left before the savepoint only gets its missing rows written.
-    def _ahead_statements(self, runs: Sequence[Run]
-                          ) -> tuple[list[Statement], list[tuple[int, Run, int]]] | None:
-        """The statements of a chunk that may be sent ahead, with the update row-count checks
-        (statement index, run, rows expected); None when it must be applied now."""
-        if self.opts.outbox is not None:
+    def _fast_statements(self, runs: Sequence[Run]) -> _FastStatements | None:
+        """The libpq statements of runs that are all on the fast path with packed parameters,
+        with the update row-count checks (statement index, run, rows expected); else None."""
+        if not runs:
             return None
         statements: list[Statement] = []
         checks: list[tuple[int, Run, int]] = []
-        total = 0
         for run in runs:
             if run.op not in (Op.INSERT, Op.UPDATE, Op.DELETE) or run.table is None:
                 return None
             st = self._site_table_or_none(run.table)
             if st is None or not st.key or self.opts.resolver_for(st.table.qualified) is not None:
                 return None
-            total += len(run.changes)
             kind, cols, (packed, _) = _fast_statement(st, run)
             if packed is None:
                 return None
@@ -472,9 +489,26 @@ class SiteWriter:
             if run.op is Op.UPDATE:
                 checks.append((len(statements), run, len(run.changes)))
             statements.append((text, [p.encode() for p in packed]))
-        if total < self.ahead_min_changes:
-            return None
         return statements, checks
+
+    def _send_now(self, statements: list[Statement]) -> list[Outcome]:
+        """Send statements through libpq's pipeline and read their outcomes (nothing sent
+        ahead may be outstanding). A BEGIN goes first when no transaction is open, as psycopg
+        would send it; an error is raised (data errors too: the caller isolates them)."""
+        if self._pipe is None:
+            self._pipe = AheadPipe(self.conn)
+        if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            statements = [(b"BEGIN", None), *statements]
+            skip = 1
+        else:
+            skip = 0
+        self._pipe.send(statements)
+        outcomes = self._pipe.collect()
+        self._pipe.close()
+        for o in outcomes:
+            if not o.ok:
+                raise o.error or e.InternalError("site: a statement was skipped without an error")
+        return outcomes[skip:]
 
     def _send_ahead(self, runs: Sequence[Run], begin: TxBegin | None,
                     statements: list[Statement], checks: list[tuple[int, Run, int]]) -> int:
@@ -552,7 +586,7 @@ class SiteWriter:
                     assert st is not None
                     self._write_missing(cur, st, run, batch.begin)
             for b in window[start:]:
-                self._run_chunk(b.runs, b.begin, (), ())
+                self._run_chunk(b.runs, b.begin, (), (), self._fast_statements(b.runs))
             cur.execute("RELEASE SAVEPOINT cdc_ahead")  # (and any cdc_chunk set in it)
         self._ahead_sp = False
         self._chunks = []
@@ -823,6 +857,9 @@ class SiteWriter:
 
 
 _Params = tuple[list[str] | None, list[list[Any]]]
+# A chunk's libpq statements and its update row-count checks (statement index, run, rows
+# expected): `SiteWriter._fast_statements`.
+_FastStatements = tuple[list[Statement], list[tuple[int, Run, int]]]
 # Runs' parameters, shared by the site workers (`_plan.per_chunk`): keyed by the run's
 # changes tuple, its key and its value columns.
 _SHARED_PARAMS: dict[tuple[int, Any], tuple[Sequence[Change], Any]] = {}

@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from integration.helpers import connect, execute, scalar
 
 from cdc_sync.changes import Change, Op, Table
 from cdc_sync.protocol import Lsn, ReplicaIdentity
 from cdc_sync.sessions import connect_site
-from cdc_sync.sinks._ahead import dollar_params
+from cdc_sync.sinks._ahead import AheadPipe, Outcome, dollar_params
 from cdc_sync.sinks.schema import migrate_site
 from cdc_sync.sinks.site import SiteWriter
 
@@ -300,3 +301,57 @@ def test_chunks_applied_at_once_around_a_subtransaction(rows240: str, at_once: S
     expected.update({i: 0 for i in range(61, 101)})  # chunks 4 and 5: rolled back
     assert qty(site) == expected
     assert dead_ids(site) == [145]
+
+
+# -- statements parsed once (`AheadPipe` prepares them), small transactions included -----------
+
+def prepared(writer: SiteWriter) -> list[tuple[str, str]]:
+    rows = writer.conn.execute(
+        "SELECT name, statement FROM pg_prepared_statements ORDER BY name").fetchall()
+    writer.conn.rollback()
+    return [(str(n), str(s)) for n, s in rows]
+
+
+def test_small_transactions_parse_each_statement_once(site: str, writer: SiteWriter) -> None:
+    for n in range(1, 7):  # six small target transactions of the same shape
+        writer.begin()
+        assert writer.apply(updates(range(n, n + 5), lambda i, n=n: i + n)) == 5
+        writer.commit(Lsn(0x100 * n), NOW)
+    assert writer.sent_ahead == 0
+    assert qty(site)[10] == 16 and qty(site)[6] == 12
+    assert scalar(site, "SELECT applied_lsn::text FROM cdc_sync.progress") == "0/600"
+    statements = prepared(writer)
+    # the update and the progress upsert, each prepared once, by the libpq pipeline
+    assert [n for n, _ in statements] == ["cdc_ahead_0", "cdc_ahead_1"]
+    assert statements[0][1].startswith('UPDATE "public"."item"')
+    assert statements[1][1].startswith("INSERT INTO cdc_sync.progress")
+
+
+def test_a_failed_preparation_is_made_again(site: str) -> None:
+    conn = connect_site(site)
+    conn.autocommit = True
+    pipe = AheadPipe(conn)
+    query = b"SELECT count(*) FROM later WHERE id > $1"
+    pipe.send([(query, [b"0"])])
+    (outcome,) = pipe.collect()
+    assert isinstance(outcome.error, psycopg.errors.UndefinedTable)
+    execute(site, "CREATE TABLE later (id int)", "INSERT INTO later VALUES (1), (2)")
+    pipe.send([(query, [b"0"])])  # prepared again, not executed under a name that failed
+    assert pipe.collect() == [Outcome(rows=1)]
+    pipe.close()
+    conn.close()
+
+
+def test_a_preparation_skipped_after_an_error_is_made_again(site: str) -> None:
+    conn = connect_site(site)
+    conn.autocommit = True
+    pipe = AheadPipe(conn)
+    bad = (b"SELECT 1 / $1::int", [b"0"])
+    good = (b"SELECT id FROM item WHERE id <= $1", [b"3"])
+    pipe.send([bad, good])  # `good` is prepared after the error: the server skips that
+    first, second = pipe.collect()
+    assert isinstance(first.error, psycopg.errors.DivisionByZero) and second.aborted
+    pipe.send([good])
+    assert pipe.collect() == [Outcome(rows=3)]
+    pipe.close()
+    conn.close()
