@@ -137,6 +137,11 @@ class SiteWriter:
     def __init__(self, conn: psycopg.Connection[Any], source: str, *,
                  wants: TableFilter | None = None, options: SiteOptions | None = None) -> None:
         self.conn = conn
+        # Our pipe (`AheadPipe`) prepares the fast path's statements under names of its own.
+        # psycopg, once it has prepared statements of its own, sends DEALLOCATE ALL after every
+        # rollback (to a savepoint too), which would drop ours in the middle of a transaction:
+        # so psycopg prepares nothing on a site connection.
+        conn.prepare_threshold = None
         self.opts = options or SiteOptions(source=source)
         self.source = source
         if wants is not None:

@@ -355,3 +355,22 @@ def test_a_preparation_skipped_after_an_error_is_made_again(site: str) -> None:
     assert pipe.collect() == [Outcome(rows=3)]
     pipe.close()
     conn.close()
+
+
+def test_our_prepared_statements_survive_psycopg_rollbacks(site: str, writer: SiteWriter) -> None:
+    writer.begin()
+    writer.apply(updates(range(1, 6), lambda i: 1))
+    writer.commit(Lsn(0x100), NOW)
+    # psycopg prepares a statement run often enough (by default), and then sends DEALLOCATE ALL
+    # after any rollback: that must not drop the writer's statements.
+    for _ in range(8):
+        writer.conn.execute("SELECT count(*) FROM item WHERE qty > %s", (0,))
+    writer.conn.rollback()
+    writer.begin()
+    writer.apply(updates(range(1, 6), lambda i: 2))
+    writer.conn.execute("SAVEPOINT s")
+    writer.conn.execute("ROLLBACK TO SAVEPOINT s")
+    writer.apply(updates(range(6, 11), lambda i: 3))
+    writer.commit(Lsn(0x200), NOW)
+    assert [qty(site)[i] for i in (1, 5, 6, 10)] == [2, 2, 3, 3]
+    assert [n for n, _ in prepared(writer)] == ["cdc_ahead_0", "cdc_ahead_1"]
