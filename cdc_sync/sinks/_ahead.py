@@ -82,6 +82,7 @@ class AheadPipe:
         # per outstanding batch, per statement: the name it was prepared under in this batch
         self._batches: deque[list[bytes | None]] = deque()
         self._names: dict[bytes, bytes] = {}  # statement text -> prepared statement name
+        self._prepared = 0  # names given so far (a forgotten one is not given again)
         self._entered = False  # we put the connection in pipeline mode (not psycopg)
 
     @property
@@ -102,7 +103,8 @@ class AheadPipe:
                 continue
             name = self._names.get(query)
             if name is None:
-                name = self._names[query] = b"cdc_ahead_%d" % len(self._names)
+                name = self._names[query] = b"cdc_ahead_%d" % self._prepared
+                self._prepared += 1
                 pg.send_prepare(name, query)
                 prepared.append(name)
             else:

@@ -338,6 +338,9 @@ def test_a_failed_preparation_is_made_again(site: str) -> None:
     execute(site, "CREATE TABLE later (id int)", "INSERT INTO later VALUES (1), (2)")
     pipe.send([(query, [b"0"])])  # prepared again, not executed under a name that failed
     assert pipe.collect() == [Outcome(rows=1)]
+    # a name once given is not given again (cdc_ahead_1 exists: the failed one was 0)
+    pipe.send([(b"SELECT id FROM later WHERE id = $1", [b"2"])])
+    assert pipe.collect() == [Outcome(rows=1)]
     pipe.close()
     conn.close()
 
