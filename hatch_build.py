@@ -48,10 +48,16 @@ class CustomBuildHook(BuildHookInterface):
     _build_dir: Path | None = None
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
-        if self.target_name != "wheel" or os.environ.get("CDC_SYNC_NO_EXTENSIONS", "") not in ("", "0"):
+        if self.target_name != "wheel":
             return
         root = Path(self.root)
         editable = version == "editable"
+        if editable:  # an earlier in-place build must not outlive this install
+            for old in (root / SOURCE).parent.glob("_speedups.*"):
+                if old.suffix in (".so", ".pyd"):
+                    old.unlink()
+        if os.environ.get("CDC_SYNC_NO_EXTENSIONS", "") not in ("", "0"):
+            return
         build_dir = self._build_dir = Path(tempfile.mkdtemp(prefix="cdc_sync-ext-"))
         try:
             built = compile_speedups(root, build_dir, inplace=editable)
