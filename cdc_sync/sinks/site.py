@@ -496,32 +496,30 @@ class SiteWriter:
             statements.append((text, [p.encode() for p in packed]))
         return statements, checks
 
-    def _send_now(self, statements: list[Statement]) -> list[Outcome]:
-        """Send statements through libpq's pipeline and read their outcomes (nothing sent
-        ahead may be outstanding). A BEGIN goes first when no transaction is open, as psycopg
-        would send it; an error is raised (data errors too: the caller isolates them)."""
+    def _pipe_head(self) -> tuple[AheadPipe, list[Statement]]:
+        """The connection's libpq pipe, and what to send first: BEGIN when no transaction is
+        open and nothing is in flight (what psycopg sends before a first statement)."""
         if self._pipe is None:
             self._pipe = AheadPipe(self.conn)
-        if self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-            statements = [(b"BEGIN", None), *statements]
-            skip = 1
-        else:
-            skip = 0
-        self._pipe.send(statements)
-        outcomes = self._pipe.collect()
-        self._pipe.close()
+        idle = self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE
+        return self._pipe, [(b"BEGIN", None)] if idle and not self._ahead else []
+
+    def _send_now(self, statements: list[Statement]) -> list[Outcome]:
+        """Send statements through libpq's pipeline and read their outcomes (nothing sent
+        ahead may be outstanding); an error is raised (data errors too: the caller isolates
+        them)."""
+        pipe, head = self._pipe_head()
+        pipe.send(head + statements)
+        outcomes = pipe.collect()
+        pipe.close()
         for o in outcomes:
             if not o.ok:
                 raise o.error or e.InternalError("site: a statement was skipped without an error")
-        return outcomes[skip:]
+        return outcomes[len(head):]
 
     def _send_ahead(self, runs: Sequence[Run], begin: TxBegin | None,
                     statements: list[Statement], checks: list[tuple[int, Run, int]]) -> int:
-        if self._pipe is None:
-            self._pipe = AheadPipe(self.conn)
-        head: list[Statement] = []
-        if not self._ahead and self.conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-            head.append((b"BEGIN", None))  # what psycopg sends before a first statement
+        pipe, head = self._pipe_head()
         if self._chunks:  # chunks applied at once before: final now (see `_release_chunks`)
             head.append((b"RELEASE SAVEPOINT cdc_chunk", None))
             self._chunks = []
@@ -535,7 +533,7 @@ class SiteWriter:
         batch = _AheadBatch(list(runs), begin,
                             [(offset + i, run, rows) for i, run, rows in checks],
                             0 if savepoint else self._window[-1].after + 1)
-        self._pipe.send(head + statements)
+        pipe.send(head + statements)
         self.sent_ahead += 1
         self._ahead.append(batch)
         self._window.append(batch)
