@@ -3,7 +3,10 @@
 The fast path sends chunk N+1 before it reads chunk N's results, so the site server goes from
 one chunk to the next without waiting for us (our thread may be building the next chunk, or
 waiting for the GIL while the decoder holds it). psycopg's own pipeline waits for every result
-at each sync, so this talks to its `pq` layer directly, as the replication stream does.
+at each sync, so this talks to its `pq` layer directly, as the replication stream does. The
+writer also sends small chunks and every commit through it and collects at once
+(`SiteWriter._send_now`): one write and one read per batch, where psycopg's pipeline flushes
+and polls per statement.
 
 Contract:
 - `send(batch)` sends the statements of one batch (query text with `$n` placeholders, text
