@@ -85,10 +85,8 @@ read_tuple(const unsigned char *buf, Py_ssize_t end, Py_ssize_t *pos, PyObject *
     }
     *pos = p;
     return values;
-malformed:
-    Py_DECREF(values);
-    return NULL;
-failed:
+malformed:  /* no exception set */
+failed:     /* out of memory: the exception stays set */
     Py_DECREF(values);
     return NULL;
 }

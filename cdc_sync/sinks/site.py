@@ -403,12 +403,8 @@ class SiteWriter:
                     statements, checks = fast
                     outcomes = self._send_now([(h.encode(), None) for h in head] + statements)
                     n = sum(len(run.changes) for run in runs)
-                    for i, run, rows in checks:
-                        if outcomes[len(head) + i].rows != rows:
-                            assert run.table is not None
-                            st = self.site_table(run.table)
-                            assert st is not None
-                            self._write_missing(cur, st, run, begin)
+                    self._write_missing_runs(cur, [run for i, run, rows in checks
+                                                   if outcomes[len(head) + i].rows != rows], begin)
                 elif pipelined:
                     deferred: list[Callable[[], None]] = []
                     self._deferred = deferred
@@ -583,11 +579,7 @@ class SiteWriter:
         with self.conn.cursor() as cur:
             cur.execute("ROLLBACK TO SAVEPOINT cdc_ahead")
             if start > at:  # `batch` stays applied: only its missing rows to write
-                for run in missing:
-                    assert run.table is not None
-                    st = self.site_table(run.table)
-                    assert st is not None
-                    self._write_missing(cur, st, run, batch.begin)
+                self._write_missing_runs(cur, missing, batch.begin)
             for b in window[start:]:
                 self._run_chunk(b.runs, b.begin, (), (), self._fast_statements(b.runs))
             cur.execute("RELEASE SAVEPOINT cdc_ahead")  # (and any cdc_chunk set in it)
@@ -734,6 +726,16 @@ class SiteWriter:
         else:
             self._execute_columns(cur, st, kind, cols, params)
         return len(changes)
+
+    def _write_missing_runs(self, cur: psycopg.Cursor[Any], runs: Sequence[Run],
+                            begin: TxBegin | None) -> None:
+        """`_write_missing` for update runs of the fast path whose row counts (read from the
+        pipe) fell short."""
+        for run in runs:
+            assert run.table is not None
+            st = self.site_table(run.table)
+            assert st is not None
+            self._write_missing(cur, st, run, begin)
 
     def _write_missing(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
                        begin: TxBegin | None) -> None:
