@@ -1,39 +1,57 @@
-"""The conflict-resolving apply path: fetch local rows and tombstones, decide, write set-based.
+"""The conflict-resolving apply path: one read and one write round trip per table per chunk.
 
-For one run (one table, one operation, distinct keys; see `_plan`) on a table whose policy
-needs the local rows: one query fetches the site's rows for every key of the run with the
-commit time and origin of the transaction that last wrote each; one query fetches tombstones;
-the table's `Resolver` decides per change, in order; the decisions are written with one
-statement per kind (upserts, deletes, tombstones, conflict-log rows).
+`apply_resolved(ctx, cur, st, changes, begin, resolver)` applies `changes` — changes of one
+keyed table with a unique index on its key at the site, in source order, inserts, updates and
+deletes mixed, the same key any number of times — through the table's `Resolver`:
 
-A user merge function that raises is marked so the applier dead-letters that change.
+1. Read, one pipelined round trip: the site's rows for every key the changes touch (the old
+   and the new key of an update), locked FOR UPDATE in key order, with the commit time and
+   replication origin of the transaction that last wrote each (when the site tracks commit
+   timestamps); then their tombstones (read after the rows are locked, so a local delete that
+   committed while we waited is seen as its tombstone).
+2. Decide in Python, change by change in order: each change sees the state the decisions
+   before it left for its key (`Decision.local_after` / `tombstone_after`).
+3. Write the net effect, one pipelined round trip: keys that end with a row we saw are
+   upserted, keys that end with a row we did not see are inserted only if still absent, keys
+   whose row we saw and that end without one are deleted; tombstones that changed are written
+   or removed; every conflict goes into `cdc_sync.conflicts` in one statement.
+
+A local writer can insert a key we saw absent before our insert reaches it: the insert then
+finds the row (`ON CONFLICT DO NOTHING`), and the changes of exactly those keys are decided
+again from the start, now that the row exists and is locked (their earlier conflict-log rows
+and tombstone writes are undone first). Other replicators cannot interleave with us: every
+target transaction holds its key buckets (`_locks`) before it writes.
+
+Nothing here imports the site writer: what it needs of it is `ResolveContext`. A user merge
+function that raises becomes `UserCodeError`, which the applier dead-letters.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
-from ..changes import UNCHANGED_TOAST, Change, Op, TxBegin
+from ..changes import UNCHANGED_TOAST, Change, Op, Table, TxBegin
 from ..protocol import ReplicaIdentity
-from ..resolve import Incoming, LocalRow, Resolver, Tombstone
+from ..resolve import Decision, Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
 from ._arrays import transpose
-from ._plan import Run
 from ._rows import as_dict, key_dict, key_values
 from ._sql import SiteTable, rows_from
 
-if TYPE_CHECKING:
-    from .site import SiteWriter
+__all__ = ["ORIGIN_PREFIX", "ResolveContext", "UserCodeError", "apply_resolved",
+           "origin_name", "origin_source", "resolved_keys"]
 
 ORIGIN_PREFIX = "cdc_sync:"
+Key = tuple[Any, ...]
+Row = dict[str, str | None]
 
 
 def origin_name(source: str, site: str) -> str:
@@ -48,20 +66,67 @@ def origin_source(roname: str | None, local: str) -> str:
     return roname or local
 
 
-def _local_rows_sql(st: SiteTable, with_ts: bool) -> sql.Composed:
+class UserCodeError(Exception):
+    """A merge function raised: the change is dead-lettered with its message."""
+
+    _cdc_user_error = True
+
+
+class ResolveContext(Protocol):
+    """What the resolving path needs of the site writer."""
+
+    source: str
+
+    @property
+    def site_name(self) -> str: ...
+
+    @property
+    def track_commit_ts(self) -> bool: ...
+
+    def begin_for(self, change: Change, default: TxBegin | None) -> TxBegin | None: ...
+
+    def origin_names(self, cur: psycopg.Cursor[Any], idents: set[int]) -> dict[int, str]: ...
+
+
+# JSON for the bookkeeping tables travels as text (cast on the site): psycopg's dumping of
+# jsonb arrays cost a third of this path's client time.
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _json_or_null(value: Row | None) -> str | None:
+    return None if value is None else _json(value)
+
+
+def resolved_keys(st: SiteTable, changes: Sequence[Change]) -> list[Key]:
+    """Every key `changes` touch on the site: the key before each change, and the new key of
+    an update that changes it (for the bucket locks and the read)."""
+    key = st.key
+    out: list[Key] = []
+    for ch in changes:
+        before = key_values(ch, key)
+        out.append(before)
+        if ch.op is Op.UPDATE and ch.old is not None and ch.new is not None:
+            after = tuple(ch.new[i] for i in key)
+            if after != before:
+                out.append(after)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _local_rows_sql(st: SiteTable, with_ts: bool) -> str:
     keys = [sql.Identifier(f"k{j}") for j in range(len(st.key))]
     cols = sql.SQL(", ").join(sql.SQL("t.{}::text").format(st.col(i))
                               for i in range(len(st.table.columns)))
-    meta = (sql.SQL("pg_xact_commit_timestamp(t.xmin), (SELECT o.roname FROM "
-                    "pg_replication_origin o WHERE o.roident = "
-                    "(pg_xact_commit_timestamp_origin(t.xmin)).roident)")
-            if with_ts else sql.SQL("NULL::timestamptz, NULL::text"))
+    # In the select list, not a lateral function scan: after waiting for a row lock, the
+    # re-checked (newer) row version must get its own writer's time and origin.
+    meta = (sql.SQL("pg_xact_commit_timestamp(t.xmin), "
+                    "(pg_xact_commit_timestamp_origin(t.xmin)).roident")
+            if with_ts else sql.SQL("NULL::timestamptz, NULL::oid"))
     # FOR UPDATE: a local write that commits between this read and our write must not be
     # overwritten unseen; it waits for us instead and then wins or loses on its own time.
-    # Locking in key order keeps deadlocks with local transactions rare.
     return sql.SQL(
-        "SELECT {kcols}, {cols}, {meta} FROM {t} AS t JOIN {rows} "
-        "ON {where} ORDER BY {order} FOR UPDATE OF t"
+        "SELECT {kcols}, {cols}, {meta} FROM {t} AS t JOIN {rows} ON {where} "
+        "ORDER BY {order} FOR UPDATE OF t"
     ).format(
         order=sql.SQL(", ").join(sql.SQL("t.{}").format(st.col(i)) for i in st.key),
         kcols=sql.SQL(", ").join(sql.SQL("v.{}").format(k) for k in keys), cols=cols, meta=meta,
@@ -69,165 +134,282 @@ def _local_rows_sql(st: SiteTable, with_ts: bool) -> sql.Composed:
         where=sql.SQL(" AND ").join(
             sql.SQL("t.{c} = v.{a}::{ty}").format(c=st.col(i), a=a, ty=st.typ(i))
             for a, i in zip(keys, st.key, strict=True)),
-    )
+    ).as_string(None)
 
 
-class UserCodeError(Exception):
-    """A merge function raised: the change is dead-lettered with its message."""
-
-    _cdc_user_error = True
-
-
-def apply_resolved(writer: SiteWriter, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
-                   begin: TxBegin | None, resolver: Resolver) -> tuple[int, int]:
-    """Apply `run` through `resolver`; return (changes applied, conflicts logged)."""
-    table = st.table
-    key = st.key
-    names = [table.columns[i] for i in key]
-    befores = [key_values(ch, key) for ch in run.changes]
-    with_ts = writer.track_commit_ts
-    # Two appliers (from two offices) deciding the same key must not interleave: a row lock
-    # cannot cover a key with no row, so each key's advisory lock is taken first, in order.
-    cur.execute("SELECT pg_advisory_xact_lock(h) FROM unnest(%s::bigint[]) AS u(h) ORDER BY h",
-                (sorted({_key_lock(table.qualified, k) for k in befores}),))
-    cur.execute(_local_rows_sql(st, with_ts), transpose(befores))
-    nk = len(key)
-    local: dict[tuple[Any, ...], LocalRow] = {}
-    for r in cur.fetchall():
-        values = dict(zip(table.columns, r[nk:nk + len(table.columns)], strict=True))
-        local[tuple(r[:nk])] = LocalRow(values, r[-2], origin_source(r[-1], writer.opts.site))
-    tombs = _fetch_tombstones(cur, table.qualified, names, befores, with_ts)
-    fallback_ts = begin.commit_ts if begin else datetime.now().astimezone()
-    full = table.replica_identity is ReplicaIdentity.FULL
-    writes: list[_Write] = []
-    deletes: list[tuple[tuple[Any, ...], str | None, datetime, TxBegin | None]] = []
-    conflicts = 0
-    strategy = getattr(resolver, "strategy", "")
-    version_column = getattr(resolver, "version_column", None)
-    for ch, before in zip(run.changes, befores, strict=True):
-        ch_begin = writer.begin_for(ch, begin)
-        commit_ts = ch_begin.commit_ts if ch_begin else fallback_ts
-        unchanged = frozenset(
-            table.columns[i] for i, v in enumerate(ch.new) if v is UNCHANGED_TOAST
-        ) if ch.new is not None and UNCHANGED_TOAST in ch.new else frozenset()
-        incoming = Incoming(
-            op=ch.op, new=as_dict(table, ch.new), old=as_dict(table, ch.old),
-            old_is_full=full and ch.old is not None, commit_ts=commit_ts,
-            origin=writer.source, key=key_dict(table, key, before), unchanged=unchanged,
-        )
-        here = local.get(before)
-        try:
-            decision = resolver.resolve(here, incoming, tombs.get(before))
-        except Exception as exc:
-            raise UserCodeError(f"conflict resolution failed: {exc}") from exc
-        if decision.conflict:
-            writer.log_conflict(cur, st, ch, begin, decision.conflict,
-                                dict(here.values) if here else None, strategy, decision.outcome)
-            conflicts += 1
-        if decision.action == "write" and decision.row is not None:
-            after = before
-            if ch.op is Op.UPDATE and ch.new is not None:
-                after = tuple(ch.new[i] for i in key)
-            writes.append(_Write(before, after, dict(decision.row), ch,
-                                 fresh=before not in local and before == after))
-        elif decision.action == "delete":
-            tomb = decision.tombstone
-            version = tomb.version if tomb is not None else None
-            if version is None and version_column:
-                src = incoming.old or (here.values if here else None) or {}
-                version = src.get(version_column)
-            deletes.append((before, version, commit_ts, ch_begin))
-    raced = _write_rows(cur, st, writes)
-    if raced:
-        # Rows inserted locally since we looked (our insert found them): decide again, now
-        # that they exist and are locked.
-        again = Run(run.op, run.table, tuple(w.change for w in raced), run.columns)
-        more_applied, more_conflicts = apply_resolved(writer, cur, st, again, begin, resolver)
-        conflicts += more_conflicts
-        writes = [w for w in writes if w not in raced]
-    else:
-        more_applied = 0
-    if deletes:
-        # Only rows we saw (and locked FOR UPDATE): a key that was missing may have been
-        # inserted locally since we looked, and that newer row must not be deleted unseen.
-        present = [d[0] for d in deletes if d[0] in local]
-        if present:
-            cur.execute(_sql.delete_sql(st), transpose(present))
-        cur.execute(
-            "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
-            "SELECT %s, k, d, v, %s, l::pg_lsn FROM unnest(%s::jsonb[], %s::text[], "
-            "%s::timestamptz[], %s::text[]) AS u(k, v, d, l) "
-            "ON CONFLICT (table_name, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, "
-            "version = EXCLUDED.version, source = EXCLUDED.source, lsn = EXCLUDED.lsn",
-            (table.qualified, writer.source,
-             [Jsonb(dict(zip(names, d[0], strict=True))) for d in deletes],
-             [d[1] for d in deletes], [d[2] for d in deletes],
-             [str(d[3].commit_lsn) if d[3] else None for d in deletes]))
-    revived = [w.after for w in writes if w.after in tombs or w.before in tombs]
-    if revived:
-        cur.execute("DELETE FROM cdc_sync.tombstones WHERE table_name = %s AND key = ANY(%s::jsonb[])",
-                    (table.qualified, [Jsonb(dict(zip(names, k, strict=True))) for k in revived]))
-    return len(writes) + len(deletes) + more_applied, conflicts
+@functools.lru_cache(maxsize=1024)
+def _statement(kind: str, st: SiteTable, cols: tuple[int, ...]) -> str:
+    """The text of a write statement of `_sql` for `st` (composed once per table shape)."""
+    if kind == "insert_absent":
+        return _sql.insert_absent_sql(st, cols).as_string(None)
+    if kind == "upsert":
+        return _sql.insert_sql(st, cols, True).as_string(None)
+    assert kind == "delete", kind
+    return _sql.delete_sql(st).as_string(None)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class _Write:
-    """A decided write: the row's key before and after, the row, its change, and whether we
-    saw no row under that key (then it is inserted only if still absent)."""
-
-    before: tuple[Any, ...]
-    after: tuple[Any, ...]
-    row: dict[str, str | None]
-    change: Change
-    fresh: bool
-
-
-def _write_rows(cur: psycopg.Cursor[Any], st: SiteTable, writes: Sequence[_Write]) -> list[_Write]:
-    """Write the decided rows; return the fresh ones a concurrent local insert got to first."""
-    if not writes:
-        return []
-    moved = [w.before for w in writes if w.before != w.after]
-    if moved:
-        cur.execute(_sql.delete_sql(st), transpose(moved))
-    index = {c: i for i, c in enumerate(st.table.columns)}
-    groups: dict[tuple[tuple[int, ...], bool], list[_Write]] = {}
-    for w in writes:
-        cols = tuple(sorted(index[c] for c in w.row if c in index))
-        groups.setdefault((cols, w.fresh), []).append(w)
-    raced: list[_Write] = []
-    for (cols, fresh), group in groups.items():
-        names = [st.table.columns[i] for i in cols]
-        params = [[w.row[n] for w in group] for n in names]
-        if not fresh:
-            cur.execute(_sql.insert_sql(st, cols, True), params)
-            continue
-        cur.execute(_sql.insert_absent_sql(st, cols), params)
-        inserted = {tuple(r) for r in cur.fetchall()}
-        raced.extend(w for w in group if w.after not in inserted)
-    return raced
-
-
-def _fetch_tombstones(cur: psycopg.Cursor[Any], table: str, names: list[str],
-                      keys: list[tuple[Any, ...]], with_ts: bool) -> dict[tuple[Any, ...], Tombstone]:
+def _tombstones_sql(with_ts: bool) -> str:
     # A tombstone left by a local delete (source NULL, written by the trigger) is dated by the
     # commit of the deleting transaction when commit timestamps are tracked: the trigger only
     # knows the time of the DELETE statement, which may precede a concurrent write it beat.
     when = ("COALESCE(CASE WHEN source IS NULL THEN pg_xact_commit_timestamp(xmin) END, "
             "deleted_at)" if with_ts else "deleted_at")
-    cur.execute(
-        f"SELECT key, {when}, version, source FROM cdc_sync.tombstones "  # noqa: S608 - constant
-        "WHERE table_name = %s AND key = ANY(%s::jsonb[])",
-        (table, [Jsonb(dict(zip(names, k, strict=True))) for k in keys]))
-    out: dict[tuple[Any, ...], Tombstone] = {}
-    for k, deleted_at, version, source in cur.fetchall():
-        out[tuple(k.get(n) for n in names)] = Tombstone(deleted_at, version, source or "")
-    return out
+    return (f"SELECT key, {when}, version, source FROM cdc_sync.tombstones "  # noqa: S608
+            "WHERE table_name = %s AND key = ANY(%s::text[]::jsonb[])")
 
 
-def _key_lock(table: str, key: tuple[Any, ...]) -> int:
-    """A stable signed 64-bit advisory-lock id for (table, key)."""
-    digest = hashlib.blake2b(repr((table, key)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+_TOMBSTONE_UPSERT = (
+    "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
+    "SELECT %s, k::jsonb, d, v, s, l::pg_lsn FROM unnest(%s::text[], %s::timestamptz[], %s::text[], "
+    "%s::text[], %s::text[]) AS u(k, d, v, s, l) "
+    "ON CONFLICT (table_name, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, "
+    "version = EXCLUDED.version, source = EXCLUDED.source, lsn = EXCLUDED.lsn")
+_TOMBSTONE_DELETE = ("DELETE FROM cdc_sync.tombstones WHERE table_name = %s "
+                     "AND key = ANY(%s::text[]::jsonb[])")
+_CONFLICTS_INSERT = (
+    "INSERT INTO cdc_sync.conflicts (source, table_name, kind, key, local_row, incoming_row, "
+    "strategy, outcome, lsn, commit_ts) "
+    "SELECT %s, %s, k, j::jsonb, lr::jsonb, ir::jsonb, %s, o, l::pg_lsn, c FROM unnest("
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]) "
+    "WITH ORDINALITY AS u(k, j, lr, ir, o, l, c, n) ORDER BY n")
 
 
-__all__ = ["UserCodeError", "apply_resolved", "origin_name", "origin_source"]
+@dataclass
+class _State:
+    """The site's state of the keys of one call, as the decisions so far leave it."""
+
+    seen: dict[Key, LocalRow]             # rows as read (present on the site when we looked)
+    tombs_read: dict[Key, Tombstone]
+    rows: dict[Key, LocalRow | None] = field(default_factory=dict)
+    tombs: dict[Key, Tombstone | None] = field(default_factory=dict)
+    tomb_lsn: dict[Key, str | None] = field(default_factory=dict)
+    written: dict[Key, None] = field(default_factory=dict)  # keys whose row a decision set
+    tomb_changed: dict[Key, None] = field(default_factory=dict)
+
+    def row(self, k: Key) -> LocalRow | None:
+        return self.rows[k] if k in self.rows else self.seen.get(k)
+
+    def tomb(self, k: Key) -> Tombstone | None:
+        return self.tombs[k] if k in self.tombs else self.tombs_read.get(k)
+
+
+@dataclass
+class _Conflict:
+    key: Key
+    kind: str
+    local: Row | None
+    incoming: Row | None
+    outcome: str
+    begin: TxBegin | None
+
+
+def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
+                   changes: Sequence[Change], begin: TxBegin | None, resolver: Resolver,
+                   first: Sequence[tuple[str, Sequence[Any]]] = ()) -> tuple[int, int]:
+    """Apply `changes` of `st` through `resolver`; return (changes applied, conflicts logged).
+
+    `first`: statements (query, parameters) to send ahead of the read, in its round trip (the
+    target transaction's bucket locks)."""
+    table = st.table
+    conn = cur.connection
+    keys = list(dict.fromkeys(resolved_keys(st, changes)))
+    names = table.key_columns if st.key == table.key else tuple(table.columns[i] for i in st.key)
+    with_ts = ctx.track_commit_ts
+    key_json = [_json(dict(zip(names, k, strict=True))) for k in keys]
+    with conn.cursor() as tcur:
+        with conn.pipeline():
+            for query, params in first:
+                cur.execute(query, params)
+            cur.execute(_local_rows_sql(st, with_ts), transpose(keys))
+            tcur.execute(_tombstones_sql(with_ts), (table.qualified, key_json))
+        fetched = cur.fetchall()
+        tomb_rows = tcur.fetchall()
+    nk, nc = len(st.key), len(table.columns)
+    idents = {r[-1] for r in fetched if r[-1]}  # (0: written locally, no origin)
+    origins = ctx.origin_names(cur, idents) if idents else {}
+    site = ctx.site_name
+    seen: dict[Key, LocalRow] = {}
+    for r in fetched:
+        values = dict(zip(table.columns, r[nk:nk + nc], strict=True))
+        roident = r[-1]
+        origin = origin_source(origins.get(roident), site) if roident else site
+        seen[tuple(r[:nk])] = LocalRow(values, r[-2], origin)
+    tombs_read: dict[Key, Tombstone] = {}
+    for k, deleted_at, version, source in tomb_rows:
+        tombs_read[tuple(k.get(n) for n in names)] = Tombstone(deleted_at, version, source or "")
+    state = _State(seen, tombs_read)
+    conflicts = _decide(ctx, state, st, changes, begin, resolver)
+    strategy = str(getattr(resolver, "strategy", ""))
+    raced = _write(ctx, cur, st, state, conflicts, names, strategy)
+    if raced:
+        # Nothing of the raced keys was written (rows, tombstones, conflicts): decide their
+        # changes again, now that their rows exist and we hold them.
+        again = [ch for ch in changes if _touches(st, ch, raced)]
+        _applied, more = apply_resolved(ctx, cur, st, again, begin, resolver)
+        return len(changes), len(conflicts) - _dropped(conflicts, raced) + more
+    return len(changes), len(conflicts)
+
+
+def _touches(st: SiteTable, ch: Change, keys: set[Key]) -> bool:
+    return any(k in keys for k in resolved_keys(st, (ch,)))
+
+
+def _dropped(conflicts: list[_Conflict], raced: set[Key]) -> int:
+    return sum(1 for c in conflicts if c.key in raced)
+
+
+def _decide(ctx: ResolveContext, state: _State, st: SiteTable, changes: Sequence[Change],
+            begin: TxBegin | None, resolver: Resolver) -> list[_Conflict]:
+    table = st.table
+    key = st.key
+    full = table.replica_identity is ReplicaIdentity.FULL
+    fallback_ts = begin.commit_ts if begin else datetime.now().astimezone()
+    conflicts: list[_Conflict] = []
+    source = ctx.source
+    for ch in changes:
+        ch_begin = ctx.begin_for(ch, begin)
+        commit_ts = ch_begin.commit_ts if ch_begin else fallback_ts
+        before = key_values(ch, key)
+        new = ch.new
+        unchanged = (frozenset(table.columns[i] for i, v in enumerate(new)
+                               if v is UNCHANGED_TOAST)
+                     if new is not None and UNCHANGED_TOAST in new else frozenset())
+        old_is_full = full and ch.old is not None and not ch.old_is_key
+        incoming = Incoming(
+            op=ch.op, new=as_dict(table, new),
+            # A key-only old tuple carries NULL for every other column: those NULLs are not
+            # values, so only the replica-identity columns are passed on.
+            old=as_dict(table, ch.old, only=table.key if ch.old_is_key else None),
+            old_is_full=old_is_full, commit_ts=commit_ts, origin=source,
+            key=key_dict(table, key, before), unchanged=unchanged,
+        )
+        here = state.row(before)
+        tomb = state.tomb(before)
+        try:
+            decision = resolver.resolve(here, incoming, tomb)
+        except Exception as exc:
+            raise UserCodeError(f"conflict resolution failed: {exc}") from exc
+        if decision.conflict:
+            conflicts.append(_Conflict(
+                before, decision.conflict, dict(here.values) if here else None,
+                _incoming_json(table, ch), decision.outcome, ch_begin))
+        _apply_decision(state, st, ch, before, decision, incoming, ch_begin)
+    return conflicts
+
+
+def _incoming_json(table: Table, ch: Change) -> Row | None:
+    return as_dict(table, ch.new if ch.op is not Op.DELETE else ch.old)
+
+
+def _apply_decision(state: _State, st: SiteTable, ch: Change, before: Key, decision: Decision,
+                    incoming: Incoming, ch_begin: TxBegin | None) -> None:
+    if decision.action == "write":
+        assert decision.row is not None
+        after = before
+        if ch.op is Op.UPDATE and ch.new is not None:
+            after = tuple(ch.new[i] for i in st.key)
+        if after != before:
+            state.rows[before] = None
+            state.written[before] = None
+        state.rows[after] = decision.local_after(state.row(after), incoming)
+        state.written[after] = None
+        for k in {before, after}:
+            if state.tomb(k) is not None:  # a row written again: its tombstone goes
+                state.tombs[k] = None
+                state.tomb_changed[k] = None
+    elif decision.action == "delete":
+        state.rows[before] = None
+        state.written[before] = None
+        state.tombs[before] = decision.tombstone_after(state.tomb(before))
+        state.tomb_lsn[before] = str(ch_begin.commit_lsn) if ch_begin and ch_begin.commit_lsn \
+            else None
+        state.tomb_changed[before] = None
+
+
+def _write(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable, state: _State,
+           conflicts: list[_Conflict], names: Sequence[str], strategy: str) -> set[Key]:
+    """Write the net effect of the decisions (module docstring, step 3); return the keys a
+    concurrent local insert got to first (nothing of theirs was written, conflicts and
+    tombstone changes included)."""
+    table = st.table
+    conn = cur.connection
+    index = {c: i for i, c in enumerate(table.columns)}
+    upserts: dict[tuple[int, ...], list[Row]] = {}
+    fresh: dict[tuple[int, ...], list[tuple[Key, Row]]] = {}
+    deletes: list[Key] = []
+    for k in state.written:
+        final = state.rows.get(k)
+        if final is None:
+            if k in state.seen:
+                deletes.append(k)
+            continue
+        row = dict(final.values)
+        cols = tuple(sorted(index[c] for c in row if c in index))
+        if k in state.seen:
+            upserts.setdefault(cols, []).append(row)
+        else:
+            fresh.setdefault(cols, []).append((k, row))
+    fresh_keys = {k for group in fresh.values() for k, _r in group}
+    raced: set[Key] = set()
+    # Fresh rows first, on their own: which of them a local insert beat decides what else of
+    # theirs is written. Usually there is no race, and this is part of the one round trip.
+    with conn.pipeline():
+        fresh_curs: list[tuple[psycopg.Cursor[Any], list[tuple[Key, Row]]]] = []
+        for cols, group in fresh.items():
+            fc = conn.cursor()
+            fc.execute(_statement("insert_absent", st, cols),
+                       [[r[table.columns[i]] for _k, r in group] for i in cols])
+            fresh_curs.append((fc, group))
+        if deletes:
+            cur.execute(_statement("delete", st, ()), transpose(deletes))
+        for cols, rows in upserts.items():
+            cur.execute(_statement("upsert", st, cols),
+                        [[r[table.columns[i]] for r in rows] for i in cols])
+        if not fresh_keys:
+            _write_bookkeeping(ctx, cur, st, state, conflicts, names, set(), strategy)
+    for fc, group in fresh_curs:
+        inserted = {tuple(r) for r in fc.fetchall()}
+        fc.close()
+        raced.update(k for k, _r in group if k not in inserted)
+    if fresh_keys:
+        with conn.pipeline():
+            _write_bookkeeping(ctx, cur, st, state, conflicts, names, raced, strategy)
+    return raced
+
+
+def _write_bookkeeping(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
+                       state: _State, conflicts: list[_Conflict], names: Sequence[str],
+                       raced: set[Key], strategy: str) -> None:
+    """Tombstones and the conflict log of every key but `raced`."""
+    table = st.table
+    put: list[tuple[Key, Tombstone, str | None]] = []
+    drop: list[Key] = []
+    for k in state.tomb_changed:
+        if k in raced:
+            continue
+        final = state.tomb(k)
+        if final is not None:
+            if final is not state.tombs_read.get(k):
+                put.append((k, final, state.tomb_lsn.get(k)))
+        elif k in state.tombs_read:
+            drop.append(k)
+
+    def js(k: Key) -> str:
+        return _json(dict(zip(names, k, strict=True)))
+
+    if put:
+        cur.execute(_TOMBSTONE_UPSERT, (
+            table.qualified, [js(k) for k, _t, _l in put], [t.deleted_at for _k, t, _l in put],
+            [t.version for _k, t, _l in put], [t.origin or None for _k, t, _l in put],
+            [lsn for _k, _t, lsn in put]))
+    if drop:
+        cur.execute(_TOMBSTONE_DELETE, (table.qualified, [js(k) for k in drop]))
+    logged = [c for c in conflicts if c.key not in raced]
+    if logged:
+        cur.execute(_CONFLICTS_INSERT, (
+            ctx.source, table.qualified, strategy, [c.kind for c in logged],
+            [js(c.key) for c in logged], [_json_or_null(c.local) for c in logged],
+            [_json_or_null(c.incoming) for c in logged], [c.outcome for c in logged],
+            [str(c.begin.commit_lsn) if c.begin else None for c in logged],
+            [c.begin.commit_ts if c.begin else None for c in logged]))
+

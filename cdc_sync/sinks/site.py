@@ -47,7 +47,9 @@ from ..protocol import (
 from . import _sql
 from ._ahead import AheadPipe, Outcome, Statement, dollar_params
 from ._arrays import pack_columns, transpose
+from ._locks import LOCK_CLASS, LOCK_SQL, all_buckets, bucket_of, missing_sorted
 from ._plan import NEW_OF, OLD_OF, Run, by_table, one_table, per_chunk, plan_runs, sent_columns
+from ._resolving import apply_resolved, resolved_keys
 from ._rows import describe_change, key_dict
 from ._sql import SiteTable
 
@@ -180,6 +182,14 @@ class SiteWriter:
         self.track_commit_ts = bool(row and row[1])
         self.dead_letters = 0
         self.conflicts = 0
+        self._origins: dict[int, str] = {}
+        # Key buckets held by the open target transaction (`_take_locks`), or all of them.
+        self._held: set[int] = set()
+        self._all_locked = False
+        self._lock_first: list[tuple[str, Sequence[Any]]] = []  # to send before the next read
+        # Set by the worker while a connection of its own holds every bucket (a streamed
+        # transaction): other replicators are kept out by that one.
+        self.locks_exempt = False
         if self.opts.origin:
             self._setup_origin(self.opts.origin)
 
@@ -240,11 +250,18 @@ class SiteWriter:
         self._send_now(statements)
         self._in_tx = self._dirty = self._ahead_sp = False
         self._chunks = []
+        self._forget_locks()
+
+    def _forget_locks(self) -> None:
+        self._held = set()
+        self._all_locked = False
+        self._lock_first = []
 
     def rollback(self) -> None:
         self._in_tx = self._dirty = self._ahead_sp = False
         self._window.clear()
         self._chunks = []
+        self._forget_locks()
         try:
             if self._pipe is not None:
                 self._ahead.clear()
@@ -279,11 +296,16 @@ class SiteWriter:
         self.conn.commit()
 
     # -- apply ----------------------------------------------------------------------------
-    def apply(self, changes: Sequence[Change], begin: TxBegin | None = None) -> int:
-        """Apply one chunk of one source transaction; return the changes written."""
-        return self._apply(changes, begin, [(begin, changes)] if begin is not None else [])
+    def apply(self, changes: Sequence[Change], begin: TxBegin | None = None, *,
+              final: bool = False) -> int:
+        """Apply one chunk of one source transaction; return the changes written. `final`:
+        nothing more will be applied in this target transaction before its commit (it then
+        locks only the key buckets it needs, see `_locks`)."""
+        return self._apply(changes, begin, [(begin, changes)] if begin is not None else [],
+                           final)
 
-    def apply_segments(self, segments: Sequence[tuple[TxBegin, Sequence[Change]]]) -> int:
+    def apply_segments(self, segments: Sequence[tuple[TxBegin, Sequence[Change]]], *,
+                       final: bool = False) -> int:
         """Apply the changes of several consecutive source transactions as one chunk.
 
         Runs then span transaction boundaries (still in order, see `_plan`), so a stream of
@@ -293,11 +315,11 @@ class SiteWriter:
         if not segments:
             return 0
         if len(segments) == 1:
-            return self.apply(segments[0][1], segments[0][0])
+            return self.apply(segments[0][1], segments[0][0], final=final)
         self._begin_of = {id(ch): b for b, chs in segments for ch in chs}
         try:
             return self._apply([ch for _b, chs in segments for ch in chs], segments[-1][0],
-                               segments)
+                               segments, final)
         finally:
             self._begin_of = None
 
@@ -308,7 +330,8 @@ class SiteWriter:
         return self._begin_of.get(id(change), default)
 
     def _apply(self, changes: Sequence[Change], begin: TxBegin | None,
-               segments: Sequence[tuple[TxBegin | None, Sequence[Change]]]) -> int:
+               segments: Sequence[tuple[TxBegin | None, Sequence[Change]]],
+               final: bool = False) -> int:
         wanted: list[Change] = []
         whole: Sequence[Change] = ()  # the chunk itself, when all of it is wanted
         keys: dict[int, tuple[int, ...]] = {}
@@ -359,17 +382,19 @@ class SiteWriter:
                 wanted.append(ch)
         runs = list(plan_runs(whole or wanted, keys, compact=compact))
         fast = self._fast_statements(runs)
+        if fast is None:
+            runs = self._merge_resolving(runs)
         if (fast is not None and not rejected and len(segments) <= 1
                 and self.opts.outbox is None
                 and sum(len(run.changes) for run in runs) >= self.ahead_min_changes):
             return self._send_ahead(runs, begin, *fast)
         self._settle()
-        return self._run_chunk(runs, begin, rejected, segments, fast)
+        return self._run_chunk(runs, begin, rejected, segments, fast, final)
 
     def _run_chunk(self, runs: Sequence[Run], begin: TxBegin | None,
                    rejected: Sequence[tuple[Change, SiteError]],
                    segments: Sequence[tuple[TxBegin | None, Sequence[Change]]],
-                   fast: _FastStatements | None) -> int:
+                   fast: _FastStatements | None, final: bool = False) -> int:
         """Apply `runs` now (nothing sent ahead is outstanding), isolating data errors; `fast`
         is `_fast_statements(runs)`.
 
@@ -419,6 +444,12 @@ class SiteWriter:
                     for check in deferred:
                         check()
                 else:
+                    self._take_locks(cur, runs, final)
+                    if not first:
+                        # Before savepoint cdc_chunk: a rollback to it must not release them.
+                        for query, params in self._lock_first:
+                            cur.execute(query, params)
+                        self._lock_first = []
                     for statement in head:
                         cur.execute(statement)
                     for run in runs:
@@ -428,6 +459,8 @@ class SiteWriter:
                     raise
                 if first:
                     self.conn.rollback()
+                    self._forget_locks()
+                    self._take_locks(cur, runs, final)
                     again = [chunk]
                 else:
                     cur.execute("ROLLBACK TO SAVEPOINT cdc_chunk")
@@ -697,12 +730,96 @@ class SiteWriter:
         assert st is not None
         if not st.key:
             return self._apply_keyless(cur, st, run)
-        resolver = self.opts.resolver_for(st.table.qualified) if st.upsert else None
-        if resolver is not None and getattr(resolver, "needs_local_rows", True):
-            from ._resolving import apply_resolved
-            applied, _conflicts = apply_resolved(self, cur, st, run, begin, resolver)
-            return applied  # conflicts were counted as they were logged
+        resolver = self._resolver(st)
+        if resolver is not None:
+            locks, self._lock_first = self._lock_first, []
+            applied, conflicts = apply_resolved(self, cur, st, run.changes, begin, resolver,
+                                                locks)
+            self.conflicts += conflicts
+            return applied
         return self._apply_fast(cur, st, run, begin)
+
+    def _resolver(self, st: SiteTable) -> Any:
+        """The table's resolver when its changes take the resolving path, else None."""
+        if not (st.key and st.upsert):
+            return None
+        resolver = self.opts.resolver_for(st.table.qualified)
+        if resolver is None or not getattr(resolver, "needs_local_rows", True):
+            return None
+        return resolver
+
+    # -- what the resolving path needs (`_resolving.ResolveContext`) -------------------------
+    @property
+    def site_name(self) -> str:
+        return self.opts.site
+
+    def origin_names(self, cur: psycopg.Cursor[Any], idents: set[int]) -> dict[int, str]:
+        """Replication origin names by id (cached; looked up again for an unknown id)."""
+        if not idents <= self._origins.keys():
+            cur.execute("SELECT roident, roname FROM pg_replication_origin")
+            self._origins = {int(i): n for i, n in cur.fetchall()}
+        return self._origins
+
+    def _merge_resolving(self, runs: list[Run]) -> list[Run]:
+        """Runs of tables on the resolving path, merged into one run per table (per stretch
+        between truncates; adjacent runs only when tables must stay in order, without
+        `session_replication_role = replica`): `apply_resolved` takes mixed operations and
+        repeated keys, and costs two round trips per run whatever its size."""
+        out: list[Run | list[Change]] = []
+        tables: list[Table | None] = []
+        open_at: dict[int, int] = {}
+        for run in runs:
+            t = run.table
+            if t is None or run.op is Op.TRUNCATE or run.op is Op.MESSAGE:
+                open_at.clear()
+                out.append(run)
+                tables.append(None)
+                continue
+            st = self._site_table_or_none(t)
+            if st is None or self._resolver(st) is None:
+                if not self._replica_role:
+                    open_at.clear()
+                out.append(run)
+                tables.append(None)
+                continue
+            at = open_at.get(t.oid)
+            if at is None or (not self._replica_role and at != len(out) - 1):
+                open_at[t.oid] = len(out)
+                out.append(list(run.changes))
+                tables.append(t)
+            else:
+                merged = out[at]
+                assert isinstance(merged, list)
+                merged.extend(run.changes)
+        return [r if isinstance(r, Run) else Run(Op.UPDATE, tables[i], tuple(r), ())
+                for i, r in enumerate(out)]
+
+    def _take_locks(self, cur: psycopg.Cursor[Any], runs: Sequence[Run], final: bool) -> None:
+        """The key buckets (`_locks`) of the resolving runs of this chunk, before any write:
+        just those when this chunk is the target transaction's last (`final`), else every
+        bucket; never any again later in the same target transaction."""
+        if self._all_locked or self.locks_exempt:
+            return
+        needed: set[int] = set()
+        for run in runs:
+            if run.table is None or run.op is Op.TRUNCATE:
+                continue
+            st = self._site_table_or_none(run.table)
+            if st is None or self._resolver(st) is None:
+                continue
+            name = st.table.qualified
+            needed.update(bucket_of(name, k) for k in resolved_keys(st, run.changes))
+        if not needed:
+            return
+        if final:
+            take = missing_sorted(needed, self._held)
+        else:
+            take = missing_sorted(all_buckets(), self._held)
+            self._all_locked = True
+        if take:
+            # Sent with the first resolving run's read, in its round trip (`apply_resolved`).
+            self._lock_first = [(LOCK_SQL, (LOCK_CLASS, take))]
+            self._held.update(take)
 
     def _apply_fast(self, cur: psycopg.Cursor[Any], st: SiteTable, run: Run,
                     begin: TxBegin | None) -> int:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Final, TypeVar
 
 import psycopg
@@ -70,7 +71,12 @@ FLUSH_CHANGES: Final = DEFAULT_CHUNK_SIZE
 BACKOFF_INITIAL: Final = 0.5
 BACKOFF_MAX: Final = 15.0
 STREAM_LOCK_TIMEOUT_MS: Final = 5000
-IDLE_CHECK_SECONDS: Final = 5.0  # an idle worker checks its site connection this often
+IDLE_CHECK_SECONDS: Final = 5.0
+# A deadlock (with a local writer) retries the target transaction, if it held at most this
+# many changes (else the stream is replayed), at most RETRY_ATTEMPTS times.
+RETRY_KEEP_CHANGES: Final = 200_000
+RETRY_ATTEMPTS: Final = 8
+RETRY_PAUSE: Final = 0.02  # an idle worker checks its site connection this often
 SPARE_STREAM_WRITERS: Final = 1
 
 
@@ -149,6 +155,7 @@ class SiteWorker(threading.Thread):
             self.options.wants = wants
         self.dead_letters = 0
         self.conflicts = 0
+        self.lock_retries = 0  # target transactions retried after a deadlock or lock timeout
         self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=queue_items)
         self.durable_lsn: Lsn | None = None
         self.last_commit_ts: datetime | None = None
@@ -390,6 +397,32 @@ class SiteWorker(threading.Thread):
         self.on_applied(self, changes, time.monotonic() - started)
         self.applied_changes += changes
 
+    def _retry(self, writer: SiteWriter,
+               kept: list[tuple[list[tuple[TxBegin, tuple[Change, ...]]], bool]],
+               exc: psycopg.Error) -> int:
+        """The server broke a deadlock (or a lock wait timed out) in the open target
+        transaction: roll back just that transaction and apply what it held again, after a
+        short randomised pause (the other party, a local writer, gets through meanwhile).
+        Our own replicators never take part in such a cycle (`_locks`). Gives up after
+        RETRY_ATTEMPTS (the error then propagates: reconnect and replay)."""
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            self.lock_retries += 1
+            log.info("site %s: %s; retrying the target transaction (attempt %d)", self.site,
+                     " ".join(str(exc).split()), attempt)
+            writer.rollback()
+            self._stopping.wait(backoff_delay(attempt, RETRY_PAUSE, 1.0, jitter="full"))
+            writer.begin()
+            applied = 0
+            try:
+                for segments, final in kept:
+                    applied += self._counted(writer, partial(writer.apply_segments, segments,
+                                                             final=final))
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable) as again:
+                exc = again
+                continue
+            return applied
+        raise exc
+
     def _counted(self, writer: SiteWriter, work: Callable[[], T]) -> T:
         """Run `work` on `writer`; add the dead letters and conflicts it logged to ours."""
         before = writer.dead_letters, writer.conflicts
@@ -416,12 +449,32 @@ class SiteWorker(threading.Thread):
         buffer: list[tuple[TxBegin, tuple[Change, ...]]] = []
         buffered = 0
 
-        def flush() -> None:
-            nonlocal buffer, buffered, target_changes
+        # What the open target transaction has applied, kept (up to RETRY_KEEP_CHANGES) so that
+        # a deadlock with a local writer retries just this target transaction (`_retry`).
+        kept: list[tuple[list[tuple[TxBegin, tuple[Change, ...]]], bool]] = []
+        kept_changes = 0
+        counters_at_begin = (self.dead_letters, self.conflicts)
+
+        def forget_kept() -> None:
+            nonlocal kept, kept_changes, counters_at_begin
+            kept, kept_changes = [], 0
+            counters_at_begin = (self.dead_letters, self.conflicts)
+
+        def flush(final: bool = False) -> None:
+            nonlocal buffer, buffered, target_changes, kept_changes
             if buffer:
                 segments = buffer
-                target_changes += self._counted(writer, lambda: writer.apply_segments(segments))
                 buffer, buffered = [], 0
+                kept.append((segments, final))
+                kept_changes += sum(len(chs) for _b, chs in segments)
+                try:
+                    target_changes += self._counted(
+                        writer, lambda: writer.apply_segments(segments, final=final))
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable) as exc:
+                    if self._streams or kept_changes > RETRY_KEEP_CHANGES:
+                        raise
+                    self.dead_letters, self.conflicts = counters_at_begin
+                    target_changes = self._retry(writer, kept, exc)
 
         def drop_buffer() -> None:
             nonlocal buffer, buffered
@@ -429,11 +482,12 @@ class SiteWorker(threading.Thread):
 
         def commit_target() -> None:
             nonlocal pending, pending_keepalive, target_changes
-            flush()
+            flush(final=True)
             if pending is not None:
                 self._commit(writer, pending[0], pending[1], target_changes, target_started)
             else:
                 writer.rollback()
+            forget_kept()
             if pending_keepalive is not None and self.durable_lsn is not None:
                 self.durable_lsn = max(self.durable_lsn, pending_keepalive)
             pending, pending_keepalive, target_changes = None, None, 0
@@ -505,6 +559,7 @@ class SiteWorker(threading.Thread):
                 current = item
                 if not writer.in_transaction:
                     writer.begin()
+                    forget_kept()
                     target_started = time.monotonic()
             elif isinstance(item, TxChanges):
                 if in_src_tx and current is not None:

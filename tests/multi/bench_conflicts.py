@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="changes per run with 1-row transactions (default 5000)")
     parser.add_argument("--pg", type=int, default=None, help="server major version")
     parser.add_argument("--repeat", type=int, default=1, help="runs per figure (median)")
+    parser.add_argument("--variants", default=";".join(VARIANTS),
+                        help="variant names separated by ; (default: all)")
     args = parser.parse_args(argv)
     binaries = default_server()
     if args.pg is not None:
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     with Cluster.create(base, binaries=binaries) as cluster:
         for tx_size in (int(x) for x in args.tx_sizes.split(",")):
             changes = args.single_row_changes if tx_size == 1 else args.changes
-            for variant in VARIANTS:
+            for variant in args.variants.split(";"):
                 results = [run_once(cluster, variant, changes, tx_size)
                            for _ in range(args.repeat)]
                 rate = statistics.median(r["rate"] for r in results)
