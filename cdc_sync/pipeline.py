@@ -84,6 +84,7 @@ class Pipeline:
         self.chunk_size = chunk_size
         self._stop = threading.Event()
         self._rewind = threading.Event()
+        self.rewinds = 0  # stream replays asked for by a site (after it lost its place)
         self.received_lsn = Lsn(0)
         self.confirmed_lsn = Lsn(0)
         self.connected = False
@@ -120,6 +121,7 @@ class Pipeline:
         if worker.stream_conflict:
             worker.stream_conflict = False
             self._pause_streaming(f"site {worker.site} waited on its own streamed transaction")
+        self.rewinds += 1
         log.info("site %s is back: replaying the stream from the slot", worker.site)
         self._rewind.set()
 

@@ -117,3 +117,35 @@ def test_delete_and_older_update_of_a_missing_row_from_two_offices(
         assert site.scalar("SELECT count(*) FROM cdc_sync.tombstones") == 1
         present = {o.name: o.scalar("SELECT count(*) FROM grants WHERE id = 9") for o in made}
         assert present == {A: 0, B: 0, C: 0}, "berlin's older update survived at tokyo"
+
+
+def test_a_deadlock_with_a_local_writer_retries_only_the_target_transaction(
+        offices: MakeOffices, server_binaries: ServerBinaries) -> None:
+    """washington's applier of berlin's transaction (keys 1 and 2) locks row 1 and waits for
+    row 2, which a local transaction at washington holds; that transaction then wants row 1:
+    a deadlock, which the server breaks by failing the applier (it waited first; the local
+    session's deadlock_timeout is longer). The worker rolls back and applies that target
+    transaction again: no replay of the stream, and the local writer's later writes stand."""
+    made = offices([A, B])
+    with mesh(made, conflicts={"strategy": "lww"}) as m:
+        m.office(A).execute("INSERT INTO grants (id, writer) VALUES (1, 'seed'), (2, 'seed')")
+        m.wait_same()
+        with m.paused():
+            m.office(A).execute("UPDATE grants SET writer = 'berlin' WHERE id IN (1, 2)")
+            local = connect(m.office(B).dsn, autocommit=False)
+            local.execute("SET deadlock_timeout = '20s'")
+            local.execute("UPDATE grants SET writer = 'washington' WHERE id = 2")
+        try:
+            wait_for(_applier_waits_on_lock(m.office(B), A), 20,
+                     "B's applier to wait for row 2")
+            local.execute("UPDATE grants SET writer = 'washington' WHERE id = 1")
+            local.commit()
+        finally:
+            local.close()
+        m.caught_up()
+        worker = next(w for w in m.runners[A].pipeline.workers if w.site == B)
+        assert worker.lock_retries >= 1, "the applier was not the deadlock's victim"
+        assert m.runners[A].pipeline.rewinds == 0, "the stream was replayed"
+        writers = {o.name: sorted(r[0] for r in connect(o.dsn).execute(
+            "SELECT writer FROM grants ORDER BY id").fetchall()) for o in made}
+        assert writers == {A: [B, B], B: [B, B]}
