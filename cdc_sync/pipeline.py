@@ -95,7 +95,7 @@ class Pipeline:
                 on_rewind=self._request_rewind,
                 on_applied=on_applied,
                 options=site_options(settings, site),
-                group_transactions=not uses_commit_time(settings),
+                group_transactions=True,
             )
             for site in settings.sites
         ]
@@ -383,19 +383,6 @@ def stream_apply_possible(settings: Settings) -> bool:
     strategies = [conf.strategy] + [t.strategy or conf.strategy for t in conf.tables.values()]
     return (all(s == "source_wins" for s in strategies)
             and not any(t.counters for t in conf.tables.values()))
-
-
-def uses_commit_time(settings: Settings) -> bool:
-    """Whether some table resolves conflicts on commit timestamps (no version column).
-
-    Then each source transaction gets its own target transaction, stamped with its commit time
-    through the replication origin, instead of several sharing one.
-    """
-    conf = settings.conflicts
-    policies = [(conf.strategy, conf.version_column)] + [
-        (t.strategy or conf.strategy, t.version_column or conf.version_column)
-        for t in conf.tables.values()]
-    return any(s in ("lww", "first_write_wins", "merge") and v is None for s, v in policies)
 
 
 def site_options(settings: Settings, site: SiteSettings) -> SiteOptions:

@@ -81,6 +81,13 @@ EXPECTED: dict[str, dict[str, tuple[str, bool]]] = {
         "commit_ts": ("timestamptz", True),
         "created_at": ("timestamptz", False),
     },
+    "row_versions": {
+        "table_name": ("text", False),
+        "key": ("jsonb", False),
+        "xid": ("int8", False),
+        "commit_ts": ("timestamptz", False),
+        "origin": ("text", False),
+    },
     "connector_state": {
         "connector": ("text", False),
         "delivered_seq": ("int8", False),
@@ -97,6 +104,7 @@ PRIMARY_KEYS = {
     "tombstones": ["table_name", "key"],
     "outbox": ["id"],
     "connector_state": ["connector"],
+    "row_versions": ["table_name", "key"],
 }
 
 
@@ -127,7 +135,7 @@ def test_script_location_is_the_checkout_migrations() -> None:
 
 
 def test_head_revision() -> None:
-    assert head_revision() == "0002"
+    assert head_revision() == "0003"
 
 
 def test_offline_sql_creates_the_schema_first(capsys: pytest.CaptureFixture[str]) -> None:
@@ -405,6 +413,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     for name in ("cdc_sync/_migrations/env.py", "cdc_sync/_migrations/script.py.mako",
                  "cdc_sync/_migrations/versions/0001_initial.py",
                  "cdc_sync/_migrations/versions/0002_tombstone_trigger.py",
+                 "cdc_sync/_migrations/versions/0003_row_versions.py",
                  "cdc_sync/sinks/schema.py", "cdc_sync/sinks/schema_head.sql"):
         assert name in names
     # Installed, the package finds its migrations inside itself.
@@ -422,7 +431,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     module, location, head, has_head_sql, c_decoder = probe.stdout.split()
     assert module.startswith(str(site))
     assert location == str(site / "cdc_sync" / "_migrations")
-    assert head == "0002"
+    assert head == "0003"
     assert has_head_sql == "True"
     # With a compiler (CI has one), the wheel carries the C decoder and the package uses it.
     if shutil.which("cc") or shutil.which("gcc"):
@@ -516,7 +525,9 @@ def test_a_site_at_head_is_checked_without_alembic(make_db: Callable[..., str]) 
     # At head: one psycopg query, alembic and SQLAlchemy never imported.
     assert probe() == "False False False"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("UPDATE cdc_sync.alembic_version SET version_num = '0001'")
+        # As a site of the previous release looks.
+        conn.execute("DROP TABLE cdc_sync.row_versions")
+        conn.execute("UPDATE cdc_sync.alembic_version SET version_num = '0002'")
     # Behind: alembic upgrades it (and then keeps its objects from the collector's walks).
     assert probe() == "True True True"
     assert schema_version(dsn) == head_revision()

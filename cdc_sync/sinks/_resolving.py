@@ -113,15 +113,30 @@ def resolved_keys(st: SiteTable, changes: Sequence[Change]) -> list[Key]:
 
 
 @functools.lru_cache(maxsize=256)
-def _local_rows_sql(st: SiteTable, with_ts: bool) -> str:
+def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool) -> str:
+    """Rows of the given keys, locked, with (commit time, origin id, origin name) of their
+    writer. With `versions` the key's `cdc_sync.row_versions` entry gives time and office
+    when it describes the row version found (same xmin), and one more parameter (the keys as
+    JSON text) follows the key columns, and the table name comes twice before them."""
     keys = [sql.Identifier(f"k{j}") for j in range(len(st.key))]
     cols = sql.SQL(", ").join(sql.SQL("t.{}::text").format(st.col(i))
                               for i in range(len(st.table.columns)))
     # In the select list, not a lateral function scan: after waiting for a row lock, the
     # re-checked (newer) row version must get its own writer's time and origin.
-    meta = (sql.SQL("pg_xact_commit_timestamp(t.xmin), "
-                    "(pg_xact_commit_timestamp_origin(t.xmin)).roident")
-            if with_ts else sql.SQL("NULL::timestamptz, NULL::oid"))
+    meta: sql.Composable = (sql.SQL("pg_xact_commit_timestamp(t.xmin), "
+                    "(pg_xact_commit_timestamp_origin(t.xmin)).roident, NULL::text")
+            if with_ts else sql.SQL("NULL::timestamptz, NULL::oid, NULL::text"))
+    rows = rows_from(keys)
+    if versions and with_ts:
+        # Scalar subqueries (an index lookup per row), not a join: on a table without
+        # statistics yet the planner hashed all of row_versions for every read.
+        rv = sql.SQL("(SELECT rv.{f} FROM cdc_sync.row_versions AS rv WHERE rv.table_name = "
+                     "%s AND rv.key = v.kj::jsonb AND rv.xid = t.xmin::text::bigint)")
+        meta = sql.SQL(
+            "COALESCE({ts}, pg_xact_commit_timestamp(t.xmin)), "
+            "(pg_xact_commit_timestamp_origin(t.xmin)).roident, {origin}").format(
+                ts=rv.format(f=sql.SQL("commit_ts")), origin=rv.format(f=sql.SQL("origin")))
+        rows = rows_from([*keys, sql.Identifier("kj")])
     # FOR UPDATE: a local write that commits between this read and our write must not be
     # overwritten unseen; it waits for us instead and then wins or loses on its own time.
     return sql.SQL(
@@ -130,7 +145,7 @@ def _local_rows_sql(st: SiteTable, with_ts: bool) -> str:
     ).format(
         order=sql.SQL(", ").join(sql.SQL("t.{}").format(st.col(i)) for i in st.key),
         kcols=sql.SQL(", ").join(sql.SQL("v.{}").format(k) for k in keys), cols=cols, meta=meta,
-        t=st.ident, rows=rows_from(keys),
+        t=st.ident, rows=rows,
         where=sql.SQL(" AND ").join(
             sql.SQL("t.{c} = v.{a}::{ty}").format(c=st.col(i), a=a, ty=st.typ(i))
             for a, i in zip(keys, st.key, strict=True)),
@@ -215,32 +230,40 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
     keys = list(dict.fromkeys(resolved_keys(st, changes)))
     names = table.key_columns if st.key == table.key else tuple(table.columns[i] for i in st.key)
     with_ts = ctx.track_commit_ts
+    versions = with_ts and needs_row_versions(resolver)
     key_json = [_json(dict(zip(names, k, strict=True))) for k in keys]
     with conn.cursor() as tcur:
         with conn.pipeline():
             for query, params in first:
                 cur.execute(query, params)
-            cur.execute(_local_rows_sql(st, with_ts), transpose(keys))
+            if versions:
+                cur.execute(_local_rows_sql(st, with_ts, True),
+                            [table.qualified, table.qualified, *transpose(keys), key_json])
+            else:
+                cur.execute(_local_rows_sql(st, with_ts, False), transpose(keys))
             tcur.execute(_tombstones_sql(with_ts), (table.qualified, key_json))
         fetched = cur.fetchall()
         tomb_rows = tcur.fetchall()
     nk, nc = len(st.key), len(table.columns)
-    idents = {r[-1] for r in fetched if r[-1]}  # (0: written locally, no origin)
+    idents = {r[-2] for r in fetched if r[-2]}  # (0: written locally, no origin)
     origins = ctx.origin_names(cur, idents) if idents else {}
     site = ctx.site_name
     seen: dict[Key, LocalRow] = {}
     for r in fetched:
         values = dict(zip(table.columns, r[nk:nk + nc], strict=True))
-        roident = r[-1]
-        origin = origin_source(origins.get(roident), site) if roident else site
-        seen[tuple(r[:nk])] = LocalRow(values, r[-2], origin)
+        ts, roident, recorded = r[-3], r[-2], r[-1]
+        if recorded is not None:
+            origin = recorded
+        else:
+            origin = origin_source(origins.get(roident), site) if roident else site
+        seen[tuple(r[:nk])] = LocalRow(values, ts, origin)
     tombs_read: dict[Key, Tombstone] = {}
     for k, deleted_at, version, source in tomb_rows:
         tombs_read[tuple(k.get(n) for n in names)] = Tombstone(deleted_at, version, source or "")
     state = _State(seen, tombs_read)
     conflicts = _decide(ctx, state, st, changes, begin, resolver)
     strategy = str(getattr(resolver, "strategy", ""))
-    raced = _write(ctx, cur, st, state, conflicts, names, strategy)
+    raced = _write(ctx, cur, st, state, conflicts, names, strategy, versions)
     if raced:
         # Nothing of the raced keys was written (rows, tombstones, conflicts): decide their
         # changes again, now that their rows exist and we hold them.
@@ -327,7 +350,8 @@ def _apply_decision(state: _State, st: SiteTable, ch: Change, before: Key, decis
 
 
 def _write(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable, state: _State,
-           conflicts: list[_Conflict], names: Sequence[str], strategy: str) -> set[Key]:
+           conflicts: list[_Conflict], names: Sequence[str], strategy: str,
+           versions: bool) -> set[Key]:
     """Write the net effect of the decisions (module docstring, step 3); return the keys a
     concurrent local insert got to first (nothing of theirs was written, conflicts and
     tombstone changes included)."""
@@ -367,6 +391,8 @@ def _write(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable, state: 
                         [[r[table.columns[i]] for r in rows] for i in cols])
         if not fresh_keys:
             _write_bookkeeping(ctx, cur, st, state, conflicts, names, set(), strategy)
+            if versions:
+                _write_versions(cur, st, state, names, set())
     for fc, group in fresh_curs:
         inserted = {tuple(r) for r in fc.fetchall()}
         fc.close()
@@ -374,7 +400,65 @@ def _write(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable, state: 
     if fresh_keys:
         with conn.pipeline():
             _write_bookkeeping(ctx, cur, st, state, conflicts, names, raced, strategy)
+            if versions:
+                _write_versions(cur, st, state, names, raced)
     return raced
+
+
+def needs_row_versions(resolver: Resolver) -> bool:
+    """Whether the policy orders writes by commit time (no version column), so that rows
+    written in a target transaction holding several source transactions need their own time
+    in `cdc_sync.row_versions`."""
+    return (getattr(resolver, "version_column", None) is None
+            and getattr(resolver, "strategy", "") != "source_wins")
+
+
+@functools.lru_cache(maxsize=256)
+def _versions_sql(st: SiteTable) -> str:
+    """Record (xmin, time, office) of the rows just written, read back in the same statement:
+    their xmin is that of our (sub)transaction."""
+    keys = [sql.Identifier(f"k{j}") for j in range(len(st.key))]
+    extra = [sql.Identifier(n) for n in ("kj", "c", "o")]
+    return sql.SQL(
+        "INSERT INTO cdc_sync.row_versions (table_name, key, xid, commit_ts, origin) "
+        "SELECT %s, v.kj::jsonb, t.xmin::text::bigint, v.c::timestamptz, v.o "
+        "FROM {t} AS t JOIN {rows} ON {where} "
+        "ON CONFLICT (table_name, key) DO UPDATE SET xid = EXCLUDED.xid, "
+        "commit_ts = EXCLUDED.commit_ts, origin = EXCLUDED.origin"
+    ).format(
+        t=st.ident, rows=rows_from([*keys, *extra]),
+        where=sql.SQL(" AND ").join(
+            sql.SQL("t.{c} = v.{a}::{ty}").format(c=st.col(i), a=a, ty=st.typ(i))
+            for a, i in zip(keys, st.key, strict=True)),
+    ).as_string(None)
+
+
+_VERSIONS_DELETE = ("DELETE FROM cdc_sync.row_versions WHERE table_name = %s "
+                    "AND key = ANY(%s::text[]::jsonb[])")
+
+
+def _write_versions(cur: psycopg.Cursor[Any], st: SiteTable, state: _State,
+                    names: Sequence[str], raced: set[Key]) -> None:
+    """`cdc_sync.row_versions` of the keys written (see `needs_row_versions`)."""
+    put: list[tuple[Key, LocalRow]] = []
+    gone: list[Key] = []
+    for k in state.written:
+        if k in raced:
+            continue
+        final = state.rows.get(k)
+        if final is None:
+            gone.append(k)
+        elif final.commit_ts is not None:
+            put.append((k, final))
+    if put:
+        cur.execute(_versions_sql(st), [
+            st.table.qualified, *transpose([k for k, _r in put]),
+            [_json(dict(zip(names, k, strict=True))) for k, _r in put],
+            [r.commit_ts.isoformat() for _k, r in put if r.commit_ts is not None],
+            [r.origin for _k, r in put]])
+    if gone:
+        cur.execute(_VERSIONS_DELETE, (st.table.qualified,
+                                       [_json(dict(zip(names, k, strict=True))) for k in gone]))
 
 
 def _write_bookkeeping(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,

@@ -140,5 +140,26 @@ CREATE OR REPLACE FUNCTION cdc_sync.record_tombstone() RETURNS trigger
 
 UPDATE cdc_sync.alembic_version SET version_num='0002' WHERE cdc_sync.alembic_version.version_num = '0001';
 
+-- Running upgrade 0002 -> 0003
+
+CREATE TABLE cdc_sync.row_versions (
+    table_name TEXT NOT NULL, 
+    key JSONB NOT NULL, 
+    xid BIGINT NOT NULL, 
+    commit_ts TIMESTAMP WITH TIME ZONE NOT NULL, 
+    origin TEXT NOT NULL, 
+    PRIMARY KEY (table_name, key)
+);
+
+COMMENT ON TABLE cdc_sync.row_versions IS 'per key: source commit time and office of the row the resolving path wrote';
+
+COMMENT ON COLUMN cdc_sync.row_versions.xid IS 'xmin of the row version written (its transaction or subtransaction)';
+
+COMMENT ON COLUMN cdc_sync.row_versions.commit_ts IS 'source commit time of the change that wrote it';
+
+COMMENT ON COLUMN cdc_sync.row_versions.origin IS 'the office that wrote it';
+
+UPDATE cdc_sync.alembic_version SET version_num='0003' WHERE cdc_sync.alembic_version.version_num = '0002';
+
 COMMIT;
 

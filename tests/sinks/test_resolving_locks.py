@@ -164,3 +164,45 @@ def test_mixed_changes_of_one_key_in_one_chunk(site: str,
     assert rows == {3: (19, 119), 4: (0, 5), 50: (4, 4)}
     assert tombs == (0,), "the re-insert removes the tombstone of the delete before it"
     assert kinds == ["update_update"]
+
+
+def _commit_ts_writer(dsn: str, source: str) -> SiteWriter:
+    policy = ResolvedPolicy(table="public.item", strategy="lww", version_column=None,
+                            counters=(), merge=None, merge_key=None,
+                            tombstone_max_age_seconds=3600.0)
+    resolver = make_resolver(policy, site="site")
+    opts = SiteOptions(source=source, site="site", resolver_for=lambda _q: resolver,
+                       origin=f"cdc_sync:{source}:site")
+    return SiteWriter(connect_site(dsn), source, options=opts)
+
+
+def test_grouped_transactions_keep_each_rows_commit_time(site: str) -> None:
+    """Commit-time LWW with two source transactions (t1: key 1, t5: key 2) in one target
+    transaction, stamped t5 at commit: key 1 is still dated t1 (`cdc_sync.row_versions`), so
+    another office's write of key 1 at t3 wins. (Dated by the target commit, it would lose.)"""
+    a, b = _commit_ts_writer(site, "a"), _commit_ts_writer(site, "b")
+    base = datetime.now(UTC) + timedelta(days=1)  # newer than the site's own rows
+    try:
+        t1, t3, t5 = (TxBegin(n, Lsn(0x1000 + n), base + timedelta(seconds=n), None)
+                      for n in (1, 3, 5))
+        a.begin()
+        a.apply_segments([(t1, [_set(1, 1, 0)]), (t5, [_set(2, 5, 0)])], final=True)
+        a.commit(Lsn(0x1005), t5.commit_ts)
+        assert scalar(site, "SELECT count(*) FROM cdc_sync.row_versions") == 2
+        b.begin()
+        b.apply([_set(1, 3, 0), _set(2, 3, 0)], t3, final=True)
+        b.commit(Lsn(0x1003), t3.commit_ts)
+        with connect(site) as conn:
+            rows = dict(conn.execute("SELECT id, qty FROM item WHERE id IN (1, 2)").fetchall())
+        assert rows == {1: 3, 2: 5}, "t3 beats key 1's t1 and loses to key 2's t5"
+        # A local write since: its own commit time (now) applies, not the recorded one (t3).
+        execute(site, "UPDATE item SET qty = 9 WHERE id = 1")
+        b.begin()
+        b.apply([_set(1, 4, 0)], TxBegin(4, Lsn(0x1004), base - timedelta(hours=1), None),
+                final=True)
+        b.commit(Lsn(0x1004), base)
+        assert scalar(site, "SELECT qty FROM item WHERE id = 1") == 4, \
+            "the local write (now) is older than the incoming one (in 23 h)"
+    finally:
+        a.conn.close()
+        b.conn.close()
