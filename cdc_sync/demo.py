@@ -59,9 +59,10 @@ __all__ = ["OFFICES", "DemoResult", "office_settings", "run_demo"]
 log = logging.getLogger(__name__)
 
 OFFICES: Final = ("washington", "berlin", "tokyo")
-GRANT_KEYS: Final = 24          # a small key space shared by the offices: conflicts happen
-BUDGET_KEYS: Final = 60
-WRITE_INTERVAL: Final = 0.04    # seconds between a writer's transactions (~25 per second)
+GRANT_KEYS: Final = 200         # a small key space shared by the offices: conflicts happen
+BUDGET_KEYS: Final = 400
+ROWS_PER_TX: Final = 24         # rows a writer's transaction changes (about; set-based)
+WRITE_INTERVAL: Final = 0.012   # seconds between a writer's transactions (~1,500 rows/s each)
 LIVE_REFRESH: Final = 0.5
 PLAIN_REFRESH: Final = 2.0
 CONVERGE_TIMEOUT: Final = 60.0
@@ -122,6 +123,7 @@ class Writer(threading.Thread):
         self.office, self.dsn, self.stop_event = office, dsn, stop
         self.rng = random.Random(seed)
         self.writes = 0          # committed row changes
+        self.deadlocks = 0       # transactions the server rolled back (retried by going on)
         self.error: str | None = None
 
     def run(self) -> None:
@@ -129,54 +131,55 @@ class Writer(threading.Thread):
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
                                  application_name=f"cdc_sync_demo_writer_{self.office}") as conn:
                 while not self.stop_event.is_set():
-                    self.writes += self.step(conn)
+                    try:
+                        self.writes += self.step(conn)
+                    except (psycopg.errors.DeadlockDetected,
+                            psycopg.errors.SerializationFailure):
+                        # Against an applier taking the same rows: rolled back, go on
+                        # (as any application would retry).
+                        self.deadlocks += 1
                     self.stop_event.wait(WRITE_INTERVAL * (0.5 + self.rng.random()))
         except psycopg.Error as exc:
             self.error = " ".join(str(exc).split())
             log.warning("demo writer %s stopped: %s", self.office, self.error)
 
     def step(self, conn: psycopg.Connection[Any]) -> int:
-        """One transaction; returns the number of rows it changed."""
+        """One transaction of about ROWS_PER_TX rows, set-based; returns the rows changed.
+        Keys are sorted: rows are locked in the order the appliers lock them."""
         rng, office = self.rng, self.office
-        gid = rng.randint(1, GRANT_KEYS)
+        n = rng.randint(ROWS_PER_TX // 2, ROWS_PER_TX * 3 // 2)
+        gids = sorted(rng.sample(range(1, GRANT_KEYS + 1), n))
         roll = rng.random()
         with conn.transaction():
-            if roll < 0.5:
-                cur = conn.execute(
-                    "UPDATE grants SET amount = amount + %s, office = %s, updated_at = now() "
-                    "WHERE id = %s", (Decimal(rng.randint(-500, 1500)), office, gid))
-                if cur.rowcount:
-                    return cur.rowcount
-                return self._insert_grant(conn, gid)
-            if roll < 0.7:
-                return self._insert_grant(conn, gid)
-            if roll < 0.8:
-                cur = conn.execute("DELETE FROM grants WHERE id = %s", (gid,))
-                return cur.rowcount
-            # A budget line and its grant in one transaction.
-            bid = rng.randint(1, BUDGET_KEYS)
-            n = conn.execute(
+            if roll < 0.65:
+                # Amounts move (existing grants), or new grants are made.
+                return conn.execute(
+                    "INSERT INTO grants (id, office, title, amount, updated_at) "
+                    "SELECT id, %s, %s || ' #' || id, a, now() "
+                    "FROM unnest(%s::int[], %s::numeric[]) AS u(id, a) "
+                    "ON CONFLICT (id) DO UPDATE SET amount = grants.amount + EXCLUDED.amount "
+                    "/ 100, office = EXCLUDED.office, updated_at = now()",
+                    (office, rng.choice(_TITLES), gids,
+                     [Decimal(rng.randint(1000, 250000)) for _ in gids])).rowcount
+            if roll < 0.75:
+                return conn.execute("DELETE FROM grants WHERE id = ANY(%s)",
+                                    (gids[: max(1, n // 4)],)).rowcount
+            # Budget lines and their grants in one transaction.
+            bids = sorted(rng.sample(range(1, BUDGET_KEYS + 1), n))
+            changed = conn.execute(
                 "INSERT INTO budget_lines (id, grant_id, category, amount, updated_at) "
-                "VALUES (%s, %s, %s, %s, now()) "
-                "ON CONFLICT (id) DO UPDATE SET amount = budget_lines.amount + EXCLUDED.amount, "
-                "category = EXCLUDED.category, updated_at = now()",
-                (bid, gid, rng.choice(_CATEGORIES), Decimal(rng.randint(10, 900)))).rowcount
+                "SELECT id, g, %s, a, now() FROM unnest(%s::int[], %s::int[], %s::numeric[]) "
+                "AS u(id, g, a) ON CONFLICT (id) DO UPDATE SET amount = budget_lines.amount + "
+                "EXCLUDED.amount, category = EXCLUDED.category, updated_at = now()",
+                (rng.choice(_CATEGORIES), bids, gids,
+                 [Decimal(rng.randint(10, 900)) for _ in bids])).rowcount
             if rng.random() < 0.15:
-                n += conn.execute("DELETE FROM budget_lines WHERE id = %s",
-                                  (rng.randint(1, BUDGET_KEYS),)).rowcount
-            n += conn.execute("UPDATE grants SET updated_at = now(), office = %s WHERE id = %s",
-                              (office, gid)).rowcount
-            return n
-
-    def _insert_grant(self, conn: psycopg.Connection[Any], gid: int) -> int:
-        cur = conn.execute(
-            "INSERT INTO grants (id, office, title, amount, updated_at) "
-            "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (id) DO UPDATE SET "
-            "title = EXCLUDED.title, office = EXCLUDED.office, amount = EXCLUDED.amount, "
-            "updated_at = now()",
-            (gid, self.office, f"{self.rng.choice(_TITLES)} #{gid}",
-             Decimal(self.rng.randint(1000, 250000))))
-        return cur.rowcount
+                changed += conn.execute("DELETE FROM budget_lines WHERE id = ANY(%s)",
+                                        (bids[:3],)).rowcount
+            changed += conn.execute(
+                "UPDATE grants SET updated_at = now(), office = %s WHERE id = ANY(%s)",
+                (office, gids)).rowcount
+            return changed
 
 
 # -- running pipelines -------------------------------------------------------------------------

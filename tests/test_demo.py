@@ -58,7 +58,11 @@ def test_demo_command_converges() -> None:
     assert proc.returncode == 0, detail
     match = SUMMARY.search(proc.stdout)
     assert match, detail
-    assert int(match["changes"]) > 50, detail      # three writers for 8 s
+    # Three writers for 8 s at about 1,500 rows/s each (set-based transactions): thousands of
+    # changes a second in all, not the 55 of one-row transactions; at least 8,000 even when
+    # the machine is busy.
+    assert int(match["changes"]) >= 8000, detail
+    assert int(match["conflicts"]) > 0, detail
     assert int(match["grants"]) > 0, detail
     assert int(match["dead"]) == 0, detail
     # Not a terminal: periodic plain lines, one segment per office, no escape sequences.
