@@ -12,8 +12,12 @@ Contract:
   recorded in `cdc_sync.dead_letters` in the same transaction; every other change is applied.
   Connection and server failures (`OperationalError`) propagate: the caller reconnects and the
   stream is replayed.
-- Tables whose conflict policy needs the local rows go through `_resolving.apply_resolved`;
-  the rest take the fast path (upserts; an update or key change of a row the site lacks is
+- Tables whose conflict policy needs the local rows go through `_resolving.apply_resolved`:
+  all their changes in a chunk form one run (mixed operations, repeated keys), which costs a
+  read and a write round trip; before the first such run of a target transaction its key
+  buckets are locked (`_locks`; every bucket when more chunks may follow: `final=False`), so
+  replicators of different offices writing into this site never deadlock each other. The
+  rest take the fast path (upserts; an update or key change of a row the site lacks is
   written as an insert when the whole row was sent, and logged as a conflict).
 - With an outbox, one event row per change is written to `cdc_sync.outbox` in the same
   transaction.

@@ -15,6 +15,11 @@ Contract:
 - `durable_lsn` only ever grows and only to positions committed on the site (or, on an idle
   stream, to the keepalive position when nothing is pending): the pipeline confirms the
   minimum over all workers to the source.
+- A deadlock or lock timeout in the open target transaction (against a local writer: our
+  replicators cannot deadlock each other, see `_locks`) rolls back and applies that target
+  transaction again (`_retry`, up to RETRY_ATTEMPTS times), never replays the stream; the
+  worker keeps what the transaction applied for that (up to RETRY_KEEP_CHANGES changes).
+  Chunks that complete a target transaction are applied with `final=True`.
 - When a site connection fails, the worker reconnects with backoff, then calls `on_rewind` and
   ignores items until the next `Reset`: the pipeline restarts the stream from the slot.
 - A transaction the source streams while in progress (`TxStreamChanges`) is applied as it
