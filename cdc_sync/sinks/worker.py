@@ -69,7 +69,11 @@ from .site import SiteOptions, SiteWriter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE_ITEMS: Final = 16
+DEFAULT_QUEUE_ITEMS: Final = 4096
+# The queue also holds at most this many row changes (one chunk more when it is empty): a
+# site can take the next group while it applies one, and a backlog of small transactions is
+# not held to a few transactions at a time (the decoder and the site then took turns).
+DEFAULT_QUEUE_CHANGES: Final = 20_000
 DEFAULT_GROUP_MAX_CHANGES: Final = 20_000
 DEFAULT_GROUP_MAX_SECONDS: Final = 0.5
 FLUSH_CHANGES: Final = DEFAULT_CHUNK_SIZE
@@ -139,6 +143,7 @@ class SiteWorker(threading.Thread):
         wants: Callable[[Table], bool] | None = None,
         on_rewind: Callable[[SiteWorker], None] | None = None,
         queue_items: int = DEFAULT_QUEUE_ITEMS,
+        queue_changes: int = DEFAULT_QUEUE_CHANGES,
         group_max_changes: int = DEFAULT_GROUP_MAX_CHANGES,
         group_max_seconds: float = DEFAULT_GROUP_MAX_SECONDS,
         on_applied: Callable[[SiteWorker, int, float], None] | None = None,
@@ -162,6 +167,9 @@ class SiteWorker(threading.Thread):
         self.conflicts = 0
         self.lock_retries = 0  # target transactions retried after a deadlock or lock timeout
         self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=queue_items)
+        self.queue_changes = queue_changes
+        self._queued_changes = 0  # row changes in the queue (`put` waits above queue_changes)
+        self._room = threading.Condition()
         self.durable_lsn: Lsn | None = None
         self.last_commit_ts: datetime | None = None
         self.applied_changes = 0
@@ -191,11 +199,32 @@ class SiteWorker(threading.Thread):
         if not self._accepting:
             self._missed = True
             return False
+        n = _changes_in(item)
+        if n:
+            with self._room:
+                if not self._room.wait_for(
+                        lambda: self._queued_changes == 0
+                        or self._queued_changes + n <= self.queue_changes, timeout):
+                    return False
+                self._queued_changes += n
         try:
             self.queue.put(item, timeout=timeout)
         except queue.Full:
+            self._taken(n)
             return False
         return True
+
+    def _taken(self, n: int) -> None:
+        """`n` row changes left the queue."""
+        if n:
+            with self._room:
+                self._queued_changes = max(0, self._queued_changes - n)
+                self._room.notify_all()
+
+    def _get(self, timeout: float | None) -> WorkItem:
+        item = self.queue.get(timeout=timeout)
+        self._taken(_changes_in(item))
+        return item
 
     def idle(self) -> bool:
         return self.queue.empty()
@@ -221,6 +250,9 @@ class SiteWorker(threading.Thread):
         with self.queue.mutex:
             self.queue.queue.clear()
             self.queue.not_full.notify_all()
+        with self._room:
+            self._queued_changes = 0
+            self._room.notify_all()
         self.queue.put(RESET)
 
     def stop(self) -> None:
@@ -297,7 +329,7 @@ class SiteWorker(threading.Thread):
     def _drain(self) -> None:
         try:
             while True:
-                item = self.queue.get_nowait()
+                item = self._get(0)
                 if isinstance(item, _Stop):
                     self._stopping.set()
         except queue.Empty:
@@ -528,7 +560,7 @@ class SiteWorker(threading.Thread):
                 # stop() could not queue _STOP on a full queue: stop once it is drained.
                 timeout = 0.2 if timeout is None else min(timeout, 0.2)
             try:
-                item = self.queue.get(timeout=timeout)
+                item = self._get(timeout)
             except queue.Empty:
                 if self._stopping.is_set():
                     item = _STOP
@@ -614,6 +646,12 @@ class SiteWorker(threading.Thread):
                     commit_target()
                 elif self.durable_lsn is not None and item.wal_end > self.durable_lsn:
                     self.durable_lsn = item.wal_end
+
+
+def _changes_in(item: object) -> int:
+    if isinstance(item, TxChanges | TxStreamChanges):
+        return len(item.changes)
+    return 0
 
 
 def _close_quietly(writer: SiteWriter) -> None:
