@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks import (
     apply_memory,
+    backlog,
     initial_copy,
     pgbench_latency,
     update_one_site,
@@ -39,6 +40,7 @@ SCENARIOS: dict[str, Scenario] = {
         pgbench_latency.SCENARIO,
         initial_copy.SCENARIO,
         apply_memory.SCENARIO,
+        backlog.SCENARIO,
     )
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Compare cdc-sync with PostgreSQL's native logical replication.",
         epilog="scenarios: " + "; ".join(f"{k}: {s.title}" for k, s in SCENARIOS.items()))
     parser.add_argument("--quick", action="store_true",
-                        help="one repetition per scenario instead of three")
+                        help="one repetition per scenario instead of three (and a smaller "
+                             "backlog for (f))")
     parser.add_argument("--only", metavar="a,b",
                         help="comma-separated scenario letters (default: all)")
     parser.add_argument("--server", type=int, default=15, metavar="MAJOR",
@@ -110,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     scenarios = _select(parser, args.only)
+    if args.quick:  # (f) also drains a smaller backlog
+        scenarios = [backlog.scenario(quick=True) if s.key == "f" else s for s in scenarios]
     repetitions = args.repetitions or (1 if args.quick else DEFAULT_REPETITIONS)
     if repetitions < 1:
         parser.error("--repetitions must be at least 1")
