@@ -91,6 +91,15 @@ class Incoming:
     origin: str
     key: Values
     unchanged: frozenset[str] = frozenset()  # columns not sent in `new` (unchanged TOAST)
+    # The table's REPLICA IDENTITY is FULL (deletes carry the whole old row; it is the same at
+    # every office). None: inferred from `old_is_full`, which an insert never has.
+    identity_full: bool | None = None
+
+    @property
+    def deletes_full(self) -> bool:
+        """Whether this table's deletes travel with the full old row (`identity_full`, else
+        `old_is_full`)."""
+        return self.old_is_full if self.identity_full is None else self.identity_full
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,9 @@ class Decision:
         committed at the incoming commit time, by the incoming origin)."""
         if self.action == "write":
             assert self.row is not None
+            if self.outcome == "local_wins" and previous is not None:
+                # The site row won and only took counter deltas: it keeps its own key.
+                return LocalRow(self.row, previous.commit_ts, previous.origin)
             return LocalRow(self.row, incoming.commit_ts, incoming.origin)
         if self.action == "delete":
             return None

@@ -3,13 +3,24 @@
 Pure: imports the standard library, `cdc_sync.changes` (for `Op`) and, for type checking only,
 `cdc_sync.config.ResolvedPolicy`. The merge function is loaded once, in `make_resolver`.
 
-Order of writes. Every row state and every change has a key `(version, origin)`:
-`version` is the policy's `version_column` parsed by `parse_version` (int/numeric/timestamp/raw
-text; NULL and incomparable values lowest), or without a version column the commit timestamp
-(`LocalRow.commit_ts`, `Incoming.commit_ts`, `Tombstone.deleted_at`); `origin` is the office
-that wrote it. Keys compare lexicographically, so equal versions break by origin name (the larger
-wins) and every site decides the same for the same pair of writes. Equal keys mean the same
-origin wrote both; its stream is ordered, so the incoming change is the later one and wins.
+Order of writes. Every row state, tombstone and change has a key `(version, is_delete,
+origin)`, compared as a tuple:
+- `version`: for an insert/update or a row, the policy's `version_column` parsed by
+  `parse_version` (int/numeric/timestamp/raw text; NULL and incomparable values lowest), or
+  without a version column the commit timestamp (`LocalRow.commit_ts`, `Incoming.commit_ts`).
+  For a delete (and its tombstone) `delete_version(V, C)`: C its commit time, V the deleted
+  row's version when known (a full old row; a key-only delete meeting a row whose version is
+  not a timestamp deletes what it finds and takes that version). Unknown V: C; a timestamp V:
+  the later of V and C; another V: V. Without a version column: C.
+- `is_delete`: 1 for deletes and tombstones, 0 for writes and rows: a delete of version V
+  beats every write of V, whichever office wrote it.
+- `origin`: the office (`LocalRow.origin`/`Tombstone.origin` "" is this site): equal versions
+  break by the larger name, so every office decides the same for the same pair of writes.
+A change follows a state when the same office made both (its stream is ordered: its later
+change always wins, e.g. a delete and a re-insert in one transaction) or its key is greater.
+A tombstone left by a local delete (origin "", written by the trigger with the deleted
+row's version) of a table whose deletes travel key-only is read as the other offices read
+that delete: a timestamp version is ignored (commit time only).
 
 The incoming row. For an insert/update, the row the change describes is `new`, with the columns
 that were not sent (unchanged TOAST) taken from `old` when `old_is_full` (that is exactly the
@@ -31,15 +42,21 @@ Conflicts (informational except where a strategy uses them):
 Strategies (W = the incoming insert/update, D = the incoming delete, T = the tombstone):
 - `source_wins`: W is written (an update without local row only if its row is complete, else
   skip); D deletes. Conflicts are still reported.
-- `lww`: W vs local row: W wins iff key(W) >= key(local). D vs local row: without a version
-  column D wins iff key(D) >= key(local) with key(D) = (delete commit time, origin); with one, D
-  wins iff the deleted version >= the local version (a delete wins ties). W vs T: W wins iff it
-  is newer — without a version column key(W) >= key(T); with one a strictly higher version, or an
-  equal one from T's own origin — and, for an update, its row is complete; else `kept_deleted`.
-  So a late stale insert/update never resurrects a deleted row and a newer one does.
-- `first_write_wins`: non-conflicting changes apply. In a conflict with a local row the lower
-  key wins (W wins iff key(W) <= key(local)). Deletes win over concurrent updates: D always
-  deletes, an update vs T stays deleted; an insert vs T is decided as in `lww`.
+- `lww`: W or D is applied iff it follows the state it meets (the row, else the tombstone);
+  without either, W is written (an update only when its row is complete) and D records its
+  tombstone. A losing W against a tombstone is `kept_deleted`, a losing D against a row
+  `local_wins`. So a late stale insert/update never resurrects a deleted row, a newer one
+  does, and a delete of the version a site holds always removes it.
+- `first_write_wins` (the mirror of `lww`, for rows): W applies when it does not conflict (it
+  follows the row: same office, or a strictly higher version, and with a full `old` the row is
+  the one it started from). In a conflict with a local row the earlier write is kept: W wins iff
+  it does not follow the row (its key is lower). Deletes win over concurrent updates: D always
+  deletes a row, an update meeting T stays deleted. An insert meeting T and a D meeting only T
+  are decided as in `lww` (a later re-insert revives the key). Every decision depends only on
+  the two keys (and, with a full `old`, the values), so all offices decide a pair alike; it
+  converges for concurrent writes from one common state. It needs REPLICA IDENTITY FULL to tell
+  a concurrent update from a later one (without `old`, a higher version or later commit is
+  taken as a successor), and it does not order chains of writes on both sides of a conflict.
 - `merge`: non-conflicting changes apply; on a conflict the user's function is called as
   `fn(local, incoming, change)` with fresh dicts (`local`: the local values or None; `incoming`:
   the incoming row as above, counters already merged, or None for a delete). A mapping result is
@@ -52,14 +69,16 @@ Strategies (W = the incoming insert/update, D = the incoming delete, T = the tom
   that wins still gets the counter deltas (`write`, outcome `local_wins`). A column whose value is
   NULL or not a finite number, and every change without `old` or local row, follows the strategy.
 
-Delete-with-no-local-row (every strategy): a tombstone at least as new as D is kept (`skip`,
+Delete-with-no-local-row (every strategy): a tombstone D does not follow is kept (`skip`,
 `kept_deleted`); otherwise the decision is `delete`, which records the new tombstone.
 
 Tombstones to record (`Decision.tombstone`): `deleted_at` = the delete's commit time, `origin` =
-its origin, `version` = the deleted row's version text (`old`, else the local row) when the
-policy has a version column. Limitation: a `write` decision is committed at the incoming commit
-time by the incoming origin, so under commit-timestamp ordering a row written because of a
-counter merge or a merge function takes the incoming change's key.
+its origin, `version` = V above (None when the delete is dated by its commit time alone).
+
+State after a decision (`Decision.local_after`): a `write` is the site row committed at the
+incoming commit time by the incoming origin, except a `local_wins` write (only counter deltas
+moved) which keeps the local row's commit time and origin. Limitation: a row written by a merge
+function takes the incoming change's key.
 """
 
 from __future__ import annotations
@@ -73,7 +92,14 @@ from cdc_sync.changes import Op
 from cdc_sync.config import local_rows_needed
 
 from ._model import Decision, Incoming, LocalRow, Resolver, Tombstone, Values
-from ._versions import Version, add_delta, parse_version, timestamp_version
+from ._versions import (
+    Version,
+    add_delta,
+    delete_version,
+    is_timestamp,
+    parse_version,
+    timestamp_version,
+)
 
 if TYPE_CHECKING:
     from cdc_sync.config import ResolvedPolicy
@@ -82,7 +108,7 @@ __all__ = ["MergeFunction", "PolicyResolver", "make_resolver"]
 
 Row = dict[str, str | None]
 MergeFunction = Callable[[Row | None, Row | None, Incoming], Mapping[str, object] | None]
-_Key = tuple[Version, str]
+_Key = tuple[Version, int, str]  # (version, is_delete, origin)
 
 STRATEGIES = ("source_wins", "lww", "first_write_wins", "merge")
 
@@ -96,9 +122,17 @@ def make_resolver(policy: ResolvedPolicy, *, site: str) -> Resolver:
 
 
 def _follows(a: _Key, b: _Key) -> bool:
-    """`a` is later than `b` without a tie to break: a higher version, or the same version
-    from the same origin (whose stream is ordered)."""
-    return a[0] > b[0] or (a[0] == b[0] and a[1] == b[1])
+    """Write `a` comes after state `b`: the same office wrote both (its stream is ordered, so
+    the incoming one is its later write), or `a`'s key (version, is_delete, origin) is
+    greater: a higher version; at an equal version a delete before a write, then the larger
+    origin name."""
+    return a[2] == b[2] or a > b
+
+
+def _succeeds(a: _Key, b: _Key) -> bool:
+    """`a` follows `b` without a tie to break (the same office, or a strictly higher version):
+    anything else is reported as a conflict, whoever wins it."""
+    return a[2] == b[2] or a[0] > b[0]
 
 
 def _text(value: object, column: str, table: str) -> str | None:
@@ -181,7 +215,7 @@ class PolicyResolver:
         local_key = self._local_key(local)
         if incoming.op is Op.INSERT:
             conflict: str | None = "insert_insert"
-        elif self._differs(local, incoming) or not _follows(in_key, local_key):
+        elif self._differs(local, incoming) or not _succeeds(in_key, local_key):
             conflict = "update_update"
         else:
             conflict = None
@@ -191,9 +225,9 @@ class PolicyResolver:
             return self._merged(local, {**row, **counters}, incoming, conflict,
                                 none_means="deleted")
         if strategy == "lww":
-            incoming_wins = in_key >= local_key
+            incoming_wins = _follows(in_key, local_key)
         elif strategy == "first_write_wins":
-            incoming_wins = conflict is None or in_key <= local_key
+            incoming_wins = conflict is None or not _follows(in_key, local_key)
         else:  # source_wins, or merge without a conflict
             incoming_wins = True
         if incoming_wins:
@@ -207,11 +241,7 @@ class PolicyResolver:
     def _against_tombstone(self, incoming: Incoming, row: Row, complete: bool,
                            tombstone: Tombstone) -> Decision:
         in_key = self._row_key(row, incoming)
-        tomb_key = self._tombstone_key(tombstone)
-        if self._version_column is None:
-            newer = in_key >= tomb_key
-        else:
-            newer = _follows(in_key, tomb_key)
+        newer = _follows(in_key, self._tombstone_key(tombstone, incoming))
         is_insert = incoming.op is Op.INSERT
         conflict = ("insert_deleted" if not newer else None) if is_insert else "update_delete"
         strategy = self.strategy
@@ -233,25 +263,23 @@ class PolicyResolver:
 
     def _delete(self, local: LocalRow | None, incoming: Incoming,
                 tombstone: Tombstone | None) -> Decision:
-        del_key = self._delete_key(incoming)  # version None: the deleted version is unknown
-        new_tombstone = self._new_tombstone(local, incoming)
+        deleted = self._deleted_version(incoming, local)
+        del_key = self._delete_key(incoming, deleted)
+        new_tombstone = Tombstone(incoming.commit_ts, deleted, incoming.origin)
         if local is None:
-            if tombstone is not None and not self._delete_beats_tombstone(del_key, tombstone):
+            if tombstone is not None and not _follows(
+                    del_key, self._tombstone_key(tombstone, incoming)):
                 return Decision("skip", None, "delete_missing", "kept_deleted")
             if self.strategy == "merge":
                 return self._merged(None, None, incoming, "delete_missing", none_means="deleted",
                                     tombstone=new_tombstone)
             return Decision("delete", None, "delete_missing", "deleted", new_tombstone)
         local_key = self._local_key(local)
-        deleted, origin = del_key
-        if deleted is None:
-            local_newer, delete_wins = False, True
-        elif self._version_column is None:
-            key = (deleted, origin)
-            local_newer, delete_wins = not _follows(key, local_key), key >= local_key
-        else:
-            local_newer, delete_wins = local_key[0] > deleted, deleted >= local_key[0]
-        conflict = "delete_update" if local_newer or self._differs(local, incoming) else None
+        delete_wins = _follows(del_key, local_key)
+        # A delete of the very version held is no conflict (a delete sorts after that write).
+        succeeds = del_key[2] == local_key[2] or del_key[0] >= local_key[0]
+        conflict = ("delete_update" if not succeeds or self._differs(local, incoming)
+                    else None)
         if conflict is None:
             return Decision("delete", None, None, "applied", new_tombstone)
         if self.strategy == "merge":
@@ -261,26 +289,22 @@ class PolicyResolver:
             return Decision("skip", None, conflict, "local_wins")
         return Decision("delete", None, conflict, "deleted", new_tombstone)
 
-    def _delete_beats_tombstone(self, del_key: tuple[Version | None, str],
-                                tombstone: Tombstone) -> bool:
-        """Whether a delete of a missing row is newer than the tombstone already there."""
-        deleted, origin = del_key
-        if deleted is None:
-            return False
-        tomb_key = self._tombstone_key(tombstone)
-        if self._version_column is None:
-            return (deleted, origin) > tomb_key
-        return deleted > tomb_key[0]
-
-    def _new_tombstone(self, local: LocalRow | None, incoming: Incoming) -> Tombstone:
-        version: str | None = None
+    def _deleted_version(self, incoming: Incoming, local: LocalRow | None) -> str | None:
+        """The version-column text of the row a delete deleted, when known: from a full old
+        row; for a key-only delete, the local row's version when it is not a timestamp (a
+        commit time cannot be compared with it: the delete deletes what it finds). None: the
+        delete is dated by its commit time alone."""
         column = self._version_column
-        if column is not None:
-            if incoming.old is not None and column in incoming.old:
-                version = incoming.old[column]
-            elif local is not None:
-                version = local.values.get(column)
-        return Tombstone(incoming.commit_ts, version, incoming.origin)
+        if column is None:
+            return None
+        old = incoming.old
+        if incoming.old_is_full and old is not None and column in old:
+            return old[column]
+        if local is not None:
+            held = local.values.get(column)
+            if held is not None and not is_timestamp(parse_version(held)):
+                return held
+        return None
 
     # -- the merge function ----------------------------------------------------------------------
 
@@ -352,25 +376,29 @@ class PolicyResolver:
             version = timestamp_version(local.commit_ts)
         else:
             version = self._version(local.values)
-        return version, local.origin or self.site
+        return version, 0, local.origin or self.site
 
     def _row_key(self, row: Values, incoming: Incoming) -> _Key:
         if self._version_column is None:
-            return timestamp_version(incoming.commit_ts), incoming.origin
-        return self._version(row), incoming.origin
+            return timestamp_version(incoming.commit_ts), 0, incoming.origin
+        return self._version(row), 0, incoming.origin
 
-    def _tombstone_key(self, tombstone: Tombstone) -> _Key:
+    def _tombstone_key(self, tombstone: Tombstone, incoming: Incoming) -> _Key:
+        """A tombstone's key, read as every office reads the delete that left it. A local
+        delete's tombstone (origin "", written by the site's trigger) always holds the deleted
+        row's version; when the table's deletes travel key-only (`incoming.old_is_full` is
+        false: the replica identity is the same at every office), the other offices date that
+        delete by its commit time alone, so a timestamp version is ignored here too."""
         if self._version_column is None:
-            version = timestamp_version(tombstone.deleted_at)
-        else:
-            version = parse_version(tombstone.version)
-        return version, tombstone.origin or self.site
+            return timestamp_version(tombstone.deleted_at), 1, tombstone.origin or self.site
+        version = tombstone.version
+        if (version is not None and not tombstone.origin and not incoming.deletes_full
+                and is_timestamp(parse_version(version))):
+            version = None
+        return (delete_version(version, tombstone.deleted_at), 1,
+                tombstone.origin or self.site)
 
-    def _delete_key(self, incoming: Incoming) -> tuple[Version | None, str]:
-        column = self._version_column
-        if column is None:
-            return timestamp_version(incoming.commit_ts), incoming.origin
-        old = incoming.old
-        if old is not None and column in old:
-            return parse_version(old[column]), incoming.origin
-        return None, incoming.origin
+    def _delete_key(self, incoming: Incoming, deleted: str | None) -> _Key:
+        if self._version_column is None:
+            return timestamp_version(incoming.commit_ts), 1, incoming.origin
+        return delete_version(deleted, incoming.commit_ts), 1, incoming.origin

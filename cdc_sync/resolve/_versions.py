@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
 
-__all__ = ["Version", "add_delta", "parse_version", "timestamp_version"]
+__all__ = ["Version", "add_delta", "delete_version", "parse_version", "timestamp_version"]
 
 NULL_RANK = 0
 NEG_INFINITY_RANK = 1
@@ -92,6 +92,24 @@ def timestamp_version(value: datetime | None) -> Version:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return Version(TIMESTAMP_RANK, value.astimezone(UTC))
+
+
+def delete_version(deleted: str | None, commit_ts: datetime | None) -> Version:
+    """The version of a delete committed at `commit_ts` of a row whose version-column text was
+    `deleted` (None: not known). Unknown: the commit time. A timestamp: the later of the two (a
+    delete is at least as new as what it deleted, and dated by when it happened). Any other
+    kind (numbers, text): the deleted version itself, as commit times do not compare with it.
+    """
+    if deleted is None:
+        return timestamp_version(commit_ts)
+    version = parse_version(deleted)
+    if version.rank == TIMESTAMP_RANK:
+        return max(version, timestamp_version(commit_ts))
+    return version
+
+
+def is_timestamp(version: Version) -> bool:
+    return version.rank == TIMESTAMP_RANK
 
 
 def parse_timestamp(text: str) -> datetime | None:
