@@ -330,3 +330,29 @@ def test_three_offices_converge_whatever_the_delivery_order(mode: str, full: boo
         final = _run(seed, mode, full)
         assert len({repr(v) for v in final.values()}) == 1, \
             f"seed {seed} (CDC_SYNC_SEED={seed}): offices differ: {final}"
+
+
+def test_identity_full_tells_how_to_read_a_local_tombstone_for_inserts() -> None:
+    """An insert never has `old`, so `old_is_full` cannot say whether the table's deletes
+    travel in full; `Incoming.identity_full` does (the applier knows the replica identity)."""
+    r = make("lww_version")
+    local_tomb = Tombstone(at(50), stamp(60), "")  # deleted a row stamped ahead of the commit
+    key_only = Incoming(Op.INSERT, row("1", 55), None, False, at(55), "berlin", {"id": "1"})
+    full = Incoming(Op.INSERT, row("1", 55), None, False, at(55), "berlin", {"id": "1"},
+                    identity_full=True)
+    assert not key_only.deletes_full and full.deletes_full
+    assert r.resolve(None, key_only, local_tomb).action == "write", "others date it 50"
+    d = r.resolve(None, full, local_tomb)
+    assert (d.action, d.outcome) == ("skip", "kept_deleted"), "others date it 60 (max(V, C))"
+
+
+def test_local_wins_counter_write_keeps_the_local_key() -> None:
+    r = make("counters")
+    mine = LocalRow(row("130", 20, "local"), at(20), "")
+    change = Incoming(Op.UPDATE, row("150", 10, "in"), dict(BASE), True, at(10), "berlin",
+                      {"id": "1"})
+    d = r.resolve(mine, change, None)
+    assert (d.action, d.outcome) == ("write", "local_wins")
+    after = d.local_after(mine, change)
+    assert after is not None and (after.commit_ts, after.origin) == (at(20), "")
+    assert after.values["amount"] == "180"
