@@ -4,9 +4,11 @@ Pure code, no I/O: the applier fetches local rows and tombstones set-based, asks
 per change, and writes the decisions set-based. Values are PostgreSQL text forms (`str`) or
 `None`; a column absent from `Incoming.new` was not sent (unchanged TOAST).
 
-Version order: `version` of a row is its `version_column` value when the policy has one,
-parsed as an integer, numeric or timestamp; otherwise the commit timestamp of the transaction
-that wrote it. Ties break by origin name (the larger name wins) so every site decides alike.
+Order: every row, tombstone and change has the key (version, is_delete, origin). `version` is
+the `version_column` value when the policy has one (integer, numeric, timestamp or text),
+otherwise the commit timestamp; a delete's is `delete_version(V, C)`. Equal versions break
+delete-first, then by the larger origin name, so every site decides alike; one office's later
+change always wins over its earlier one. The rules are in `_policies`.
 
 The model is in `_model` (`LocalRow`, `Incoming`, `Tombstone`, `Decision`, `Resolver`), the
 rules in `_policies` (`make_resolver`), version parsing and counter arithmetic in `_versions`.
@@ -14,7 +16,7 @@ rules in `_policies` (`make_resolver`), version parsing and counter arithmetic i
 
 from ._model import CONFLICT_KINDS, OUTCOMES, Decision, Incoming, LocalRow, Resolver, Tombstone
 from ._policies import MergeFunction, PolicyResolver, make_resolver
-from ._versions import Version, add_delta, parse_version, timestamp_version
+from ._versions import Version, add_delta, delete_version, parse_version, timestamp_version
 
 __all__ = [
     "CONFLICT_KINDS",
@@ -28,6 +30,7 @@ __all__ = [
     "Tombstone",
     "Version",
     "add_delta",
+    "delete_version",
     "make_resolver",
     "parse_version",
     "timestamp_version",

@@ -11,9 +11,15 @@ slotted dataclass; nothing here does I/O.
   `unchanged` names them when the applier knows them (it is what tells a partial `new` from a
   complete one when there is no local row). `old` is the old row: complete when `old_is_full`
   (REPLICA IDENTITY FULL), else the key columns or None. `key` identifies the site row the change
-  targets (the old key for an update that changes the key).
-- `Tombstone`: a row with this key was deleted at `deleted_at` by `origin`; `version` is the
-  deleted row's version-column text when the policy has a version column (else None).
+  targets (the old key for an update that changes the key). For a delete without REPLICA
+  IDENTITY FULL, `old` holds only the replica-identity (key) columns, never NULLs for the rest.
+  `commit_ts` is the source transaction's commit time, `origin` the office whose stream the
+  change comes from. `identity_full` says whether the table's REPLICA IDENTITY is FULL (the same
+  at every office); None infers it from `old_is_full`, which an insert never has, so the
+  applier should set it.
+- `Tombstone`: a row with this key was deleted at `deleted_at` (the deleting transaction's
+  commit time) by `origin` ("" = a local delete at this site, recorded by the site's trigger);
+  `version` is the deleted row's version-column text when known (else None).
 - `Decision`: what to do. `write`: make the site row equal to `row` (insert or update; `row`
   holds every column to set, key columns included). `delete`: delete the site row if there is
   one and record `tombstone` (always set for `delete`, None otherwise). `skip`: leave the site
@@ -24,7 +30,9 @@ slotted dataclass; nothing here does I/O.
 
 Within a batch the applier resolves changes in order; after each decision the next change to
 the same key must see the state that decision produced: `Decision.local_after` and
-`Decision.tombstone_after` compute it.
+`Decision.tombstone_after` compute it (a written row is dated by the incoming change and
+origin, except a `local_wins` write, which only moved counters and keeps the local row's key).
+How states and changes are ordered is in `_policies`.
 """
 
 from __future__ import annotations

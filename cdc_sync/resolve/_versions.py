@@ -12,6 +12,8 @@ Contract:
   timestamp read as UTC, strings by code point). Mixed kinds — incomparable — fall back to that
   fixed kind order, so a NULL or garbage version loses against a real one.
 - `timestamp_version(dt)` is the version of a commit timestamp (None: NULL).
+- `delete_version(V, C)` is the version of a delete committed at C of a row whose version text
+  was V: C when V is unknown (None), the later of V and C for a timestamp V, else V itself.
 - `add_delta(local, new, old)` computes `local + (new - old)` exactly for counter columns and
   formats it back to text, keeping `local`'s scale unless more digits are needed; None when any
   of the three is NULL, not a finite number, or not a number at all.

@@ -356,3 +356,13 @@ def test_local_wins_counter_write_keeps_the_local_key() -> None:
     after = d.local_after(mine, change)
     assert after is not None and (after.commit_ts, after.origin) == (at(20), "")
     assert after.values["amount"] == "180"
+
+
+def test_delete_version() -> None:
+    from cdc_sync.resolve import delete_version, parse_version, timestamp_version
+
+    assert delete_version(None, at(5)) == timestamp_version(at(5))
+    assert delete_version(stamp(3), at(5)) == timestamp_version(at(5))
+    assert delete_version(stamp(9), at(5)) == parse_version(stamp(9))  # stamped ahead
+    assert delete_version("7", at(5)) == parse_version("7")
+    assert delete_version("abc", at(5)) == parse_version("abc")
