@@ -33,10 +33,10 @@ Conflicts (informational except where a strategy uses them):
   (counter columns ignored), or when the incoming version does not follow the local one (it is
   lower, or equal from another origin).
 - update, no local row: `update_delete` with a tombstone, else `update_missing`.
-- insert, no local row, tombstone not older than the insert: `insert_deleted`.
+- insert, no local row, a tombstone the insert does not follow: `insert_deleted`.
 - delete, local row: `delete_update` when `old_is_full` and the local values differ from `old`,
-  or the local row is newer (with a version column: the local version is above the deleted row's
-  version `old[version_column]`; a delete without that value is taken to delete what is there).
+  or the local row's version is above the delete's (`delete_version` above: a key-only delete
+  is dated by its commit time, and on a non-timestamp version it deletes what it finds).
 - delete, no local row: `delete_missing`.
 
 Strategies (W = the incoming insert/update, D = the incoming delete, T = the tombstone):

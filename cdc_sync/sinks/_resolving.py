@@ -304,7 +304,7 @@ def _decide(ctx: ResolveContext, state: _State, st: SiteTable, changes: Sequence
             # values, so only the replica-identity columns are passed on.
             old=as_dict(table, ch.old, only=table.key if ch.old_is_key else None),
             old_is_full=old_is_full, commit_ts=commit_ts, origin=source,
-            key=key_dict(table, key, before), unchanged=unchanged,
+            key=key_dict(table, key, before), unchanged=unchanged, identity_full=full,
         )
         here = state.row(before)
         tomb = state.tomb(before)

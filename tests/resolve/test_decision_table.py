@@ -3,12 +3,15 @@ and the ordering rules that make every office decide alike.
 
 Cells: incoming insert / update / delete x the site's state for the key (a row, nothing, a
 tombstone) x strategy (lww on a version column, lww on commit time, first_write_wins, merge,
-counters), each once with the incoming change newer than the site's state and once older.
-Concurrent by construction: the site's row is not the row the change started from.
+counters): one test case per cell (id `op-state-strategy`), which checks the incoming change
+newer than the site's state and older (concurrent: the site's row is not the row the change
+started from), and for an update or delete meeting a row, one made on top of that very row.
 
 Then: the production bug (a key-only delete of the very version a site holds lost), deletes
-dated by their commit time, ties, and a seeded property test: random concurrent writes at
-three offices, delivered in random orders, end identical at every office.
+dated by their commit time, ties, same-office delete and re-insert, and two seeded property
+tests (seed printed on failure; `CDC_SYNC_SEED` replays one): random writes at three offices,
+delivered in random orders, end identical at every office, and concurrent writes from one
+common state end as the write with the highest key.
 """
 
 from __future__ import annotations
@@ -148,24 +151,44 @@ def expected(op: str, state: str, strategy: str, when: str) -> tuple[str, str | 
     return table[(op, "lww")][when]
 
 
-CELLS = [(op, state, strategy, when) for op in ("insert", "update", "delete")
-         for state in ("row", "absent", "tombstone") for strategy in STRATEGIES
-         for when in ("newer", "older")]
+CELLS = [(op, state, strategy) for op in ("insert", "update", "delete")
+         for state in ("row", "absent", "tombstone") for strategy in STRATEGIES]
 
 
-@pytest.mark.parametrize(("op", "state", "strategy", "when"), CELLS,
-                         ids=[f"{o}-{s}-{g}-{w}" for o, s, g, w in CELLS])
-def test_decision_table_cell(op: str, state: str, strategy: str, when: str) -> None:
-    t_state, t_in = (10, 20) if when == "newer" else (20, 10)
-    local = state_row(t_state) if state == "row" else None
-    tomb = state_tomb(t_state) if state == "tombstone" else None
-    d = make(strategy).resolve(local, incoming(op, t_in), tomb)
-    action, conflict, outcome, reason = expected(op, state, strategy, when)
-    assert (d.action, d.conflict, d.outcome) == (action, conflict, outcome), (reason, d)
-    if strategy == "counters" and op == "update" and state == "row":
-        assert d.row is not None and d.row["amount"] == "180", "130 + (150 - 100)"
-    if d.action == "delete":
-        assert d.tombstone is not None and d.tombstone.deleted_at == at(t_in)
+def _follows_expected(op: str, strategy: str) -> tuple[str, str | None, str, str]:
+    """A change made on top of the site's row (its full `old` is that row): no conflict."""
+    return (D if op == "delete" else W, None, "applied", "made on top of the row")
+
+
+@pytest.mark.parametrize(("op", "state", "strategy"), CELLS,
+                         ids=[f"{o}-{s}-{g}" for o, s, g in CELLS])
+def test_decision_table_cell(op: str, state: str, strategy: str) -> None:
+    """One README cell: the incoming change newer than the site's state, then older (and, for
+    an update or delete meeting a row, once made on top of that very row)."""
+    r = make(strategy)
+    scenarios = ["newer", "older"]
+    if state == "row" and op != "insert":
+        scenarios.append("follows")
+    for when in scenarios:
+        t_state, t_in = (10, 20) if when != "older" else (20, 10)
+        local = state_row(t_state) if state == "row" else None
+        if when == "follows":
+            local = LocalRow(dict(BASE), at(t_state), "washington")
+        tomb = state_tomb(t_state) if state == "tombstone" else None
+        d = r.resolve(local, incoming(op, t_in), tomb)
+        if when == "follows":
+            action, conflict, outcome, reason = _follows_expected(op, strategy)
+        else:
+            action, conflict, outcome, reason = expected(op, state, strategy, when)
+        assert (d.action, d.conflict, d.outcome) == (action, conflict, outcome), (when, reason, d)
+        assert (d.row is not None) == (d.action == "write")
+        if strategy == "counters" and op == "update" and state == "row":
+            base = "100" if when == "follows" else "130"
+            assert d.row is not None and d.row["amount"] == str(int(base) + 50), \
+                "local + (150 - 100)"
+        if d.action == "delete":
+            assert d.tombstone is not None and d.tombstone.deleted_at == at(t_in)
+            assert d.tombstone.origin == "berlin"
 
 
 # -- the rules behind the table -------------------------------------------------------------------
@@ -219,16 +242,63 @@ def test_full_delete_beats_every_write_of_the_version_it_deleted() -> None:
     assert r.resolve(held, delete, None).action == "delete"
 
 
-def test_ties_break_by_origin_name_at_every_office() -> None:
-    """Two inserts with the same commit time: the larger origin name wins, wherever decided."""
-    r_at_berlin = PolicyResolver("public.grants", "lww", site="berlin")
-    r_at_tokyo = PolicyResolver("public.grants", "lww", site="tokyo")
-    from_tokyo = Incoming(Op.INSERT, row("2", 0), None, False, at(5), "tokyo", {"id": "1"})
-    from_berlin = Incoming(Op.INSERT, row("1", 0), None, False, at(5), "berlin", {"id": "1"})
-    berlin_row = LocalRow(row("1", 0), at(5), "")  # berlin's own write, at berlin
-    tokyo_row = LocalRow(row("2", 0), at(5), "")
-    assert r_at_berlin.resolve(berlin_row, from_tokyo, None).outcome == "incoming_wins"
-    assert r_at_tokyo.resolve(tokyo_row, from_berlin, None).outcome == "local_wins"
+@pytest.mark.parametrize("column", [None, "v"], ids=["commit_time", "version_column"])
+def test_ties_break_by_origin_name_at_every_office(column: str | None) -> None:
+    """berlin and tokyo write the same key at the same version (same commit time, same
+    updated_at). Whichever office decides, and in whichever order washington gets them, tokyo
+    (the larger name) wins; a delete of that version would beat both."""
+    def resolver(site: str) -> PolicyResolver:
+        return PolicyResolver("public.grants", "lww", version_column=column, site=site)
+
+    def write(office: str) -> Incoming:
+        return Incoming(Op.INSERT, row("1", 5, office), None, False, at(5), office, {"id": "1"})
+
+    from_berlin, from_tokyo = write("berlin"), write("tokyo")
+    berlin_own = LocalRow(row("1", 5, "berlin"), at(5), "")  # berlin's own write, at berlin
+    tokyo_own = LocalRow(row("1", 5, "tokyo"), at(5), "")
+    d = resolver("berlin").resolve(berlin_own, from_tokyo, None)
+    assert (d.action, d.conflict, d.outcome) == ("write", "insert_insert", "incoming_wins")
+    d = resolver("tokyo").resolve(tokyo_own, from_berlin, None)
+    assert (d.action, d.conflict, d.outcome) == ("skip", "insert_insert", "local_wins")
+    w = resolver("washington")
+    for first, second in ((from_berlin, from_tokyo), (from_tokyo, from_berlin)):
+        d1 = w.resolve(None, first, None)
+        held = d1.local_after(None, first)
+        d2 = w.resolve(held, second, None)
+        final = d2.local_after(held, second)
+        assert final is not None and final.values["note"] == "tokyo"
+    # A delete at the same version, from the smaller name, still beats both writes (full old:
+    # the deleted row's version is known; key-only, its commit time equals it).
+    for full in (True, False):
+        old = row("1", 5, "berlin") if full else {"id": "1"}
+        delete = Incoming(Op.DELETE, None, old, full, at(5), "aachen", {"id": "1"})
+        for site, held in (("berlin", berlin_own), ("tokyo", tokyo_own)):
+            d = resolver(site).resolve(held, delete, None)
+            assert d.action == "delete", (site, full, d)
+            tomb = d.tombstone_after(None)
+            assert tomb is not None
+            late = resolver(site).resolve(None, from_tokyo if site == "berlin" else from_berlin,
+                                          tomb)
+            assert (late.action, late.outcome) == ("skip", "kept_deleted"), (site, full, late)
+
+
+def test_key_only_delete_on_an_integer_version_deletes_what_it_finds() -> None:
+    """Integer versions do not compare with a commit time: a key-only delete removes the row the
+    site holds and records that row's version, so a later write (higher version) revives the
+    key and an older one does not."""
+    r = PolicyResolver("public.grants", "lww", version_column="v", site=SITE)
+    held = LocalRow({"id": "1", "amount": "1", "note": "x", "v": "7"}, at(99), "washington")
+    delete = Incoming(Op.DELETE, None, {"id": "1"}, False, at(10), "berlin", {"id": "1"})
+    d = r.resolve(held, delete, None)
+    assert (d.action, d.conflict, d.outcome) == ("delete", None, "applied")
+    assert d.tombstone == Tombstone(at(10), "7", "berlin")
+
+    def ins(v: str) -> Incoming:
+        return Incoming(Op.INSERT, {"id": "1", "amount": "2", "note": "y", "v": v}, None, False,
+                        at(20), "washington", {"id": "1"})
+
+    assert r.resolve(None, ins("8"), d.tombstone).outcome == "applied"
+    assert r.resolve(None, ins("7"), d.tombstone).outcome == "kept_deleted"  # delete-first tie
 
 
 def test_same_origin_delete_then_insert_in_one_transaction() -> None:
@@ -366,3 +436,151 @@ def test_delete_version() -> None:
     assert delete_version(stamp(9), at(5)) == parse_version(stamp(9))  # stamped ahead
     assert delete_version("7", at(5)) == parse_version("7")
     assert delete_version("abc", at(5)) == parse_version("abc")
+
+
+# -- property: concurrent writes from one common state, the brief's model -------------------------
+
+_Key = tuple[Any, int, str]
+
+
+def _oracle_key(op: Op, values: Row | None, deleted: Row | None, c: float, office: str,
+                mode: str, full: bool) -> _Key:
+    """The spec's ordering key of one write, computed independently of the resolver."""
+    from cdc_sync.resolve import delete_version, parse_version, timestamp_version
+
+    if op is Op.DELETE:
+        if mode == "commit_time":
+            return timestamp_version(at(c)), 1, office
+        assert deleted is not None
+        return delete_version(deleted["v"] if full else None, at(c)), 1, office
+    assert values is not None
+    if mode == "commit_time":
+        return timestamp_version(at(c)), 0, office
+    return parse_version(values["v"]), 0, office
+
+
+@dataclass
+class _Write:
+    change: Incoming
+    key: _Key
+    result: Row | None  # the row it leaves; None: deleted
+
+
+def _version_text(rng: random.Random, mode: str) -> str:
+    if mode == "integer":
+        return str(rng.randint(1, 6))
+    return stamp(rng.randint(1, 8))  # an application clock: independent of commit times
+
+
+def _concurrent_run(seed: int, mode: str, full: bool) -> None:
+    """Every office starts from the same state (a row, a tombstone or nothing, last written by
+    one office or by a fourth one everyone has heard), makes 0-3 writes of its own on top of
+    what it holds, each newer than that (it saw it), with random versions and commit times from
+    small ranges (ties across offices are common). Each office applies its own writes first
+    (they are local: they always happen), then the others' streams in a random interleaving.
+    All end identical, and equal to the write with the highest key."""
+    rng = random.Random(seed)
+    column = None if mode == "commit_time" else "v"
+    start_origin = rng.choice((*OFFICES, "hq"))
+    start_kind = rng.choice(("row", "tombstone", "absent"))
+    v0 = "0" if mode == "integer" else stamp(0)
+    start_row: Row = {"id": "1", "amount": "0", "note": "start", "v": v0}
+    start_key: _Key | None = None
+    if start_kind == "row":
+        start_key = _oracle_key(Op.INSERT, start_row, None, 0, start_origin, mode, full)
+    elif start_kind == "tombstone":
+        start_key = _oracle_key(Op.DELETE, None, start_row, 0, start_origin, mode, full)
+
+    def start_state(site: str) -> Site:
+        origin = "" if site == start_origin else start_origin
+        s = Site(site)
+        if start_kind == "row":
+            s.row = LocalRow(dict(start_row), at(0), origin)
+        elif start_kind == "tombstone":
+            # The trigger keeps the deleted version; the applier records what the delete carried.
+            known = origin == "" or full or mode == "integer"
+            s.tomb = Tombstone(at(0), v0 if known and column else None, origin)
+        return s
+
+    streams: dict[str, list[_Write]] = {}
+    for office in OFFICES:
+        held_row = dict(start_row) if start_kind == "row" else None
+        held_key = start_key
+        c = 0.0
+        writes: list[_Write] = []
+        for n in range(rng.randint(0, 3)):
+            for _attempt in range(10):
+                c_try = c + rng.choice((0.5, 1, 1, 2, 3))
+                new: Row = {"id": "1", "amount": str(n), "note": f"{office}{n}",
+                            "v": _version_text(rng, mode)}
+                if held_row is None:
+                    op = Op.INSERT
+                elif rng.random() < 0.35:
+                    op = Op.DELETE
+                else:
+                    op = Op.UPDATE
+                key = _oracle_key(op, None if op is Op.DELETE else new, held_row, c_try, office,
+                                  mode, full)
+                if held_key is None or key > held_key:
+                    break
+            else:
+                break  # no write newer than what this office holds: its chain ends
+            c = c_try
+            if op is Op.INSERT:
+                change = Incoming(Op.INSERT, new, None, False, at(c), office, {"id": "1"},
+                                  identity_full=full)
+            elif op is Op.UPDATE:
+                assert held_row is not None
+                change = Incoming(Op.UPDATE, new, dict(held_row) if full else None, full, at(c),
+                                  office, {"id": "1"}, identity_full=full)
+            else:
+                assert held_row is not None
+                change = Incoming(Op.DELETE, None, dict(held_row) if full else {"id": "1"}, full,
+                                  at(c), office, {"id": "1"}, identity_full=full)
+            result = None if op is Op.DELETE else new
+            writes.append(_Write(change, key, result))
+            held_row, held_key = result, key
+        streams[office] = writes
+
+    finals: dict[str, Row | str | None] = {}
+    for office in OFFICES:
+        site = start_state(office)
+        for w in streams[office]:  # its own writes, locally, in order
+            ch = w.change
+            if ch.op is Op.DELETE:
+                assert site.row is not None
+                deleted_v = site.row.values["v"] if column else None
+                site.row, site.tomb = None, Tombstone(ch.commit_ts, deleted_v, "")
+            else:
+                assert ch.new is not None
+                site.row, site.tomb = LocalRow(dict(ch.new), ch.commit_ts, ""), None
+        r = PolicyResolver("public.grants", "lww", version_column=column, site=office)
+        queues = {o: list(streams[o]) for o in OFFICES if o != office}
+        while any(queues.values()):
+            src = rng.choice([o for o, q in queues.items() if q])
+            _receive(site, r, queues[src].pop(0).change)
+        finals[office] = dict(site.row.values) if site.row else "gone" if site.tomb else None
+
+    everything = [w for ws in streams.values() for w in ws]
+    context = f"seed {seed} (CDC_SYNC_SEED={seed}) {mode} full={full}: {finals}; writes: " + \
+        "; ".join(f"{w.change.origin} {w.change.op.value} key={w.key}" for w in everything)
+    assert len({repr(v) for v in finals.values()}) == 1, context
+    if everything:
+        winner = max(everything, key=lambda w: w.key)
+        want: Row | str | None = winner.result if winner.result is not None else "gone"
+    else:
+        want = dict(start_row) if start_kind == "row" else \
+            "gone" if start_kind == "tombstone" else None
+    assert finals["berlin"] == want, context
+
+
+@pytest.mark.parametrize(("mode", "full"), [
+    ("version", False), ("version", True), ("commit_time", False), ("commit_time", True),
+    ("integer", True),  # integer versions need REPLICA IDENTITY FULL (README)
+], ids=["timestamp-version-key-only", "timestamp-version-full", "commit-time-key-only",
+        "commit-time-full", "integer-version-full"])
+def test_concurrent_writes_from_one_state_converge_to_the_highest_key(mode: str,
+                                                                     full: bool) -> None:
+    first = int(os.environ.get("CDC_SYNC_SEED", random.randrange(1 << 30)))
+    for seed in range(first, first + 600):
+        _concurrent_run(seed, mode, full)
