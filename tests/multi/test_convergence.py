@@ -7,8 +7,9 @@ own transaction: exactly the time the source stream carries) and what it wrote. 
 - the three offices hold identical rows;
 - each key holds its last write: with commit-timestamp LWW the write with the greatest
   (commit time, office) — a delete means the row is absent; with `version_column =
-  "updated_at"` the insert/update with the greatest `updated_at`, absent iff a delete removed
-  exactly that version (a delete carries the version it deleted: REPLICA IDENTITY FULL);
+  "updated_at"` the write with the greatest ordering key: an insert/update by its
+  `updated_at`, a delete by the later of the version it deleted (REPLICA IDENTITY FULL) and
+  its commit time; absent iff that write is a delete;
 - nothing loops: once converged, the offices' tuple counters stay still for 5 s;
 - conflicts were logged, with kind, strategy and outcome.
 
@@ -32,8 +33,7 @@ from typing import Any
 import psycopg
 
 from cdc_sync.embedded import ServerBinaries
-from cdc_sync.resolve import CONFLICT_KINDS, OUTCOMES
-from cdc_sync.resolve._versions import parse_timestamp
+from cdc_sync.resolve import CONFLICT_KINDS, OUTCOMES, Version, delete_version, parse_version
 from tests.integration.helpers import connect
 
 from .helpers import Mesh, Office, mesh, tuple_counters
@@ -133,17 +133,22 @@ def expected_by_commit_time(log: list[Write]) -> dict[int, tuple[str, str, str] 
 
 
 def expected_by_version(log: list[Write]) -> dict[int, tuple[str, str, str] | None]:
-    """key -> the insert/update with the greatest updated_at, or None when a delete (at any
-    office) removed exactly that version."""
+    """key -> the write with the greatest ordering key (README): an insert/update by its
+    updated_at, a delete by the later of the version it deleted and its commit time (deletes
+    after writes of one version, then the origin name); None when that write is a delete."""
     out: dict[int, tuple[str, str, str] | None] = {}
     for k in range(1, KEYS + 1):
-        writes = [w for w in log if w.key == k and w.op != "delete"]
+        writes = [w for w in log if w.key == k]
         if not writes:
             continue
-        best = max(writes, key=lambda w: (parse_timestamp(w.version), w.office))
-        deleted = any(w.key == k and w.op == "delete" and w.version == best.version
-                      for w in log)
-        out[k] = None if deleted else (best.writer, best.amount, best.version)
+
+        def order(w: Write) -> tuple[Version, int, str]:
+            if w.op == "delete":
+                return delete_version(w.version, w.commit_ts), 1, w.office
+            return parse_version(w.version), 0, w.office
+
+        best = max(writes, key=order)
+        out[k] = None if best.op == "delete" else (best.writer, best.amount, best.version)
     return out
 
 
