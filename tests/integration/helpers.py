@@ -95,13 +95,28 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
+def _toml_table(name: str, table: Mapping[str, Any]) -> list[str]:
+    """`[name]` with its scalar keys, then its sub-tables as `[name."key"]` (recursively)."""
+    lines = ["", f"[{name}]"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()
+              if not isinstance(v, Mapping)]
+    for k, v in table.items():
+        if isinstance(v, Mapping):
+            lines += _toml_table(f"{name}.{json.dumps(k)}", v)
+    return lines
+
+
 def write_config(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write `data` ({"source": {...}, "sites": [{...}]}) as a TOML file."""
+    """Write `data` ({"source": {...}, "sites": [{...}], other sections: {...}}) as a TOML
+    file; nested dicts become sub-tables (`[conflicts."tables"."public.t"]`)."""
     lines = ["[source]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in data["source"].items()]
     for site in data["sites"]:
         lines += ["", "[[sites]]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in site.items()]
+    for section, table in data.items():
+        if section not in ("source", "sites"):
+            lines += _toml_table(section, table)
     path.write_text("\n".join(lines) + "\n")
     return path
 

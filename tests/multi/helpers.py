@@ -123,6 +123,14 @@ def make_offices(make_cluster: Callable[..., Cluster], names: Sequence[str],
 def office_settings(source: Office, sites: Sequence[Office], *,
                     conflicts: Mapping[str, Any] | None = None,
                     forward_origins: bool = False) -> Settings:
+    return settings_from_dict(office_config(source, sites, conflicts=conflicts,
+                                            forward_origins=forward_origins))
+
+
+def office_config(source: Office, sites: Sequence[Office], *,
+                  conflicts: Mapping[str, Any] | None = None,
+                  forward_origins: bool = False) -> dict[str, Any]:
+    """The configuration (as a dict) of the replicator whose source is `source`."""
     data: dict[str, Any] = {
         "source": {"name": source.name, "dsn": source.dsn, "slot": f"cdc_{source.name}",
                    "publication": f"cdc_{source.name}", "forward_origins": forward_origins},
@@ -130,7 +138,7 @@ def office_settings(source: Office, sites: Sequence[Office], *,
     }
     if conflicts:
         data["conflicts"] = dict(conflicts)
-    return settings_from_dict(data)
+    return data
 
 
 @dataclass
