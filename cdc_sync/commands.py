@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from .config import Settings, SiteSettings, table_matches
-from .errors import CdcSyncError, SiteError, SourceError
+from .errors import CdcSyncError, ConfigError, SiteError, SourceError
 from .protocol import Lsn
 from .sessions import SESSION_OPTIONS, connect_site
 from .sinks.schema import migrate_site
@@ -104,27 +104,44 @@ def prepare_site(site: SiteSettings, src: psycopg.Connection[Any], tables: list[
 
 
 def _tombstone_policy(settings: Settings | None, site: SiteSettings,
-                      t: TableDef) -> tuple[bool, str | None]:
-    """(whether local deletes need tombstones, the version column) for `t` at `site`."""
+                      t: TableDef) -> tuple[bool, str | None, bool]:
+    """(whether local deletes need tombstones, the version column, merge_columns) for `t`
+    at `site`. merge_columns needs the source table's REPLICA IDENTITY FULL (a `ConfigError`
+    saying so otherwise): only a full old row tells which columns an update changed."""
     if settings is None:
-        return False, None
+        return False, None, False
     policy = settings.conflicts.for_table(t.qualified)
-    return policy.needs_local_rows, policy.version_column
+    if policy.merge_columns and t.replica_identity != "f":
+        raise ConfigError(
+            f'conflicts: {t.qualified} has merge_columns = true but its REPLICA IDENTITY is not '
+            f"FULL at the source (run: ALTER TABLE {t.qualified} REPLICA IDENTITY FULL)")
+    return policy.needs_local_rows, policy.version_column, policy.merge_columns
 
 
 def _ensure_tombstone_trigger(conn: psycopg.Connection[Any], t: TableDef,
-                              policy: tuple[bool, str | None]) -> None:
-    """Local deletes leave tombstones when the table's policy compares versions."""
-    wanted, version_column = policy
+                              policy: tuple[bool, str | None, bool]) -> None:
+    """Local deletes leave tombstones when the table's policy compares versions; with
+    merge_columns they keep the deleted row's values, and local inserts and updates record
+    which columns they wrote (`cdc_sync.record_column_versions`)."""
+    wanted, version_column, columns = policy
     if not wanted or not t.primary_key:
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS cdc_sync_tombstone ON {}").format(t.ident))
+        columns = False
+    else:
+        keys = "{" + ",".join('"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                              for k in t.primary_key) + "}"
+        conn.execute(sql.SQL(
+            "CREATE OR REPLACE TRIGGER cdc_sync_tombstone AFTER DELETE ON {} FOR EACH ROW "
+            "EXECUTE FUNCTION cdc_sync.record_tombstone({}, {}, {})").format(
+                t.ident, sql.Literal(keys), sql.Literal(version_column or ""),
+                sql.Literal("values" if columns else "")))
+    if not columns:
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS cdc_sync_columns ON {}").format(t.ident))
         return
-    keys = "{" + ",".join('"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"'
-                          for k in t.primary_key) + "}"
     conn.execute(sql.SQL(
-        "CREATE OR REPLACE TRIGGER cdc_sync_tombstone AFTER DELETE ON {} FOR EACH ROW "
-        "EXECUTE FUNCTION cdc_sync.record_tombstone({}, {})").format(
-            t.ident, sql.Literal(keys), sql.Literal(version_column or "")))
+        "CREATE OR REPLACE TRIGGER cdc_sync_columns AFTER INSERT OR UPDATE ON {} FOR EACH ROW "
+        "EXECUTE FUNCTION cdc_sync.record_column_versions({})").format(
+            t.ident, sql.Literal(keys)))
 
 
 def _prepare_table(conn: psycopg.Connection[Any], site: SiteSettings, src: psycopg.Connection[Any],

@@ -238,6 +238,7 @@ class ConflictTableSettings(_Model):
     version_column: _Text | None = None
     counters: list[_Text] = Field(default_factory=lambda: [])
     merge: str | None = None
+    merge_columns: _Bool | None = None
 
     @field_validator("merge")
     @classmethod
@@ -263,6 +264,7 @@ class ResolvedPolicy:
     merge: str | None
     merge_key: str | None  # the key that set `merge`, for error messages
     tombstone_max_age_seconds: float
+    merge_columns: bool = False  # per-column last-writer-wins (strategy lww, commit time)
 
     @property
     def needs_local_rows(self) -> bool:
@@ -282,6 +284,7 @@ class ConflictSettings(_Model):
     strategy: Strategy = DEFAULT_STRATEGY
     version_column: _Text | None = None
     merge: str | None = None
+    merge_columns: _Bool = False
     tombstone_max_age_seconds: _Float = Field(default=DEFAULT_TOMBSTONE_MAX_AGE_SECONDS, gt=0)
     tables: dict[str, ConflictTableSettings] = Field(default_factory=lambda: {})
 
@@ -295,12 +298,20 @@ class ConflictSettings(_Model):
         need = 'strategy "merge" needs merge = "package.module:function"'
         if self.strategy == "merge" and self.merge is None:
             raise _invalid(need, "merge")
+        columns_need = ('merge_columns needs strategy = "lww" and no version_column '
+                        "(each column is ordered by commit time)")
+        if self.merge_columns and (self.strategy != "lww" or self.version_column):
+            raise _invalid(columns_need, "merge_columns")
         for name, table in self.tables.items():
             if "." not in name.strip("."):
                 raise _invalid('expected a qualified table name "schema.table"', "tables", name)
             strategy = table.strategy or self.strategy
             if strategy == "merge" and (table.merge or self.merge) is None:
                 raise _invalid(need, "tables", name, "merge")
+            columns = self.merge_columns if table.merge_columns is None else table.merge_columns
+            if columns and (strategy != "lww"
+                            or (table.version_column or self.version_column)):
+                raise _invalid(columns_need, "tables", name, "merge_columns")
         return self
 
     def for_table(self, qualified: str) -> ResolvedPolicy:
@@ -315,6 +326,7 @@ class ConflictSettings(_Model):
                 merge=self.merge,
                 merge_key="conflicts.merge" if self.merge is not None else None,
                 tombstone_max_age_seconds=self.tombstone_max_age_seconds,
+                merge_columns=self.merge_columns,
             )
         if override.merge is not None:
             merge, merge_key = override.merge, format_key_path(
@@ -331,6 +343,8 @@ class ConflictSettings(_Model):
             merge=merge,
             merge_key=merge_key,
             tombstone_max_age_seconds=self.tombstone_max_age_seconds,
+            merge_columns=(self.merge_columns if override.merge_columns is None
+                           else override.merge_columns),
         )
 
 

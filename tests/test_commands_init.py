@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 
 from cdc_sync import commands
 from cdc_sync.config import STRATEGIES, settings_from_dict
+from cdc_sync.errors import ConfigError
 from cdc_sync.resolve import make_resolver
 from cdc_sync.source.catalog import ColumnDef, TableDef
 
@@ -45,6 +47,19 @@ def test_tombstone_policy_agrees_with_the_resolver(strategy: str, counters: tupl
     site, table = settings.sites[0], _table()
     resolved = settings.conflicts.for_table(table.qualified)
     expected = (make_resolver(resolved, site=site.name).needs_local_rows,
-                resolved.version_column)
+                resolved.version_column, False)
     assert commands._tombstone_policy(settings, site, table) == expected
-    assert commands._tombstone_policy(None, site, table) == (False, None)
+    assert commands._tombstone_policy(None, site, table) == (False, None, False)
+
+
+def test_merge_columns_needs_replica_identity_full_at_the_source() -> None:
+    settings = settings_from_dict({
+        "source": {"name": "s", "dsn": "dbname=s"},
+        "sites": [{"name": "a", "dsn": "dbname=a"}],
+        "conflicts": {"strategy": "lww", "tables": {"public.t": {"merge_columns": True}}},
+    })
+    site, table = settings.sites[0], dataclasses.replace(_table(), replica_identity="d")
+    with pytest.raises(ConfigError, match="REPLICA IDENTITY FULL"):
+        commands._tombstone_policy(settings, site, table)
+    full = _table()
+    assert commands._tombstone_policy(settings, site, full) == (True, None, True)

@@ -71,6 +71,7 @@ EXPECTED: dict[str, dict[str, tuple[str, bool]]] = {
         "version": ("text", True),
         "source": ("text", True),
         "lsn": ("pg_lsn", True),
+        "row_values": ("jsonb", True),
     },
     "outbox": {
         "id": ("text", False),
@@ -87,6 +88,11 @@ EXPECTED: dict[str, dict[str, tuple[str, bool]]] = {
         "xid": ("int8", False),
         "commit_ts": ("timestamptz", False),
         "origin": ("text", False),
+    },
+    "column_versions": {
+        "table_name": ("text", False),
+        "key": ("jsonb", False),
+        "clocks": ("jsonb", False),
     },
     "connector_state": {
         "connector": ("text", False),
@@ -105,6 +111,7 @@ PRIMARY_KEYS = {
     "outbox": ["id"],
     "connector_state": ["connector"],
     "row_versions": ["table_name", "key"],
+    "column_versions": ["table_name", "key"],
 }
 
 
@@ -135,7 +142,7 @@ def test_script_location_is_the_checkout_migrations() -> None:
 
 
 def test_head_revision() -> None:
-    assert head_revision() == "0003"
+    assert head_revision() == "0004"
 
 
 def test_offline_sql_creates_the_schema_first(capsys: pytest.CaptureFixture[str]) -> None:
@@ -414,6 +421,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
                  "cdc_sync/_migrations/versions/0001_initial.py",
                  "cdc_sync/_migrations/versions/0002_tombstone_trigger.py",
                  "cdc_sync/_migrations/versions/0003_row_versions.py",
+                 "cdc_sync/_migrations/versions/0004_column_versions.py",
                  "cdc_sync/sinks/schema.py", "cdc_sync/sinks/schema_head.sql"):
         assert name in names
     # Installed, the package finds its migrations inside itself.
@@ -431,7 +439,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     module, location, head, has_head_sql, c_decoder = probe.stdout.split()
     assert module.startswith(str(site))
     assert location == str(site / "cdc_sync" / "_migrations")
-    assert head == "0003"
+    assert head == "0004"
     assert has_head_sql == "True"
     # With a compiler (CI has one), the wheel carries the C decoder and the package uses it.
     if shutil.which("cc") or shutil.which("gcc"):
@@ -526,7 +534,8 @@ def test_a_site_at_head_is_checked_without_alembic(make_db: Callable[..., str]) 
     assert probe() == "False False False"
     with psycopg.connect(dsn, autocommit=True) as conn:
         # As a site of the previous release looks.
-        conn.execute("DROP TABLE cdc_sync.row_versions")
+        conn.execute("DROP TABLE cdc_sync.row_versions, cdc_sync.column_versions")
+        conn.execute("ALTER TABLE cdc_sync.tombstones DROP COLUMN row_values")
         conn.execute("UPDATE cdc_sync.alembic_version SET version_num = '0002'")
     # Behind: alembic upgrades it (and then keeps its objects from the collector's walks).
     assert probe() == "True True True"

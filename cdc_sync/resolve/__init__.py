@@ -14,13 +14,16 @@ The model is in `_model` (`LocalRow`, `Incoming`, `Tombstone`, `Decision`, `Reso
 rules in `_policies` (`make_resolver`), version parsing and counter arithmetic in `_versions`.
 """
 
-from ._model import CONFLICT_KINDS, OUTCOMES, Decision, Incoming, LocalRow, Resolver, Tombstone
+from ._columns import changed_columns
+from ._model import CONFLICT_KINDS, OUTCOMES, Clock, Clocks, Decision, Incoming, LocalRow, Resolver, Tombstone
 from ._policies import MergeFunction, PolicyResolver, make_resolver
 from ._versions import Version, add_delta, delete_version, parse_version, timestamp_version
 
 __all__ = [
     "CONFLICT_KINDS",
     "OUTCOMES",
+    "Clock",
+    "Clocks",
     "Decision",
     "Incoming",
     "LocalRow",
@@ -30,6 +33,7 @@ __all__ = [
     "Tombstone",
     "Version",
     "add_delta",
+    "changed_columns",
     "delete_version",
     "make_resolver",
     "parse_version",

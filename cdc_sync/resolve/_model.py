@@ -20,10 +20,16 @@ slotted dataclass; nothing here does I/O.
 - `Tombstone`: a row with this key was deleted at `deleted_at` (the deleting transaction's
   commit time) by `origin` ("" = a local delete at this site, recorded by the site's trigger);
   `version` is the deleted row's version-column text when known (else None).
+- `Clocks` (per-column merge, `merge_columns`): per column, the (commit time, office) of the
+  write that set its value (office "" = this site). `LocalRow.clocks` are the row's,
+  `Tombstone.clocks` and `Tombstone.values` the deleted row's cells, kept so that a later write
+  brings the row back with every column's latest value; None: not tracked.
 - `Decision`: what to do. `write`: make the site row equal to `row` (insert or update; `row`
   holds every column to set, key columns included). `delete`: delete the site row if there is
   one and record `tombstone` (always set for `delete`, None otherwise). `skip`: leave the site
-  as it is. `conflict` is one of `CONFLICT_KINDS` or None; `outcome` one of `OUTCOMES`.
+  as it is. `clocks` (per-column merge only): the key's column clocks once the decision is
+  applied (of the row for `write`; a `delete`'s tombstone carries its own). `conflict` is
+  one of `CONFLICT_KINDS` or None; `outcome` one of `OUTCOMES`.
 - `Resolver`: `resolve(local, incoming, tombstone) -> Decision`, and `needs_local_rows`: False
   when decisions never depend on local rows or tombstones (pure `source_wins` without
   counters), so the applier may skip fetching them (and the conflict log) on a fast path.
@@ -46,6 +52,8 @@ from cdc_sync.changes import Op
 
 __all__ = [
     "CONFLICT_KINDS",
+    "Clock",
+    "Clocks",
     "OUTCOMES",
     "Action",
     "Decision",
@@ -58,6 +66,8 @@ __all__ = [
 
 Values = Mapping[str, str | None]
 Action = Literal["write", "delete", "skip"]
+Clock = tuple[datetime, str]  # (commit time, office; "" = this site)
+Clocks = Mapping[str, Clock]
 
 CONFLICT_KINDS: tuple[str, ...] = (
     "insert_insert",   # incoming insert, a local row exists
@@ -85,6 +95,7 @@ class LocalRow:
     values: Values
     commit_ts: datetime | None
     origin: str
+    clocks: Clocks | None = None  # per-column merge: who set each column, when
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +128,8 @@ class Tombstone:
     deleted_at: datetime
     version: str | None
     origin: str
+    values: Values | None = None  # per-column merge: the deleted row's cells (text values)
+    clocks: Clocks | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +141,7 @@ class Decision:
     conflict: str | None
     outcome: str
     tombstone: Tombstone | None = None  # to record, for action "delete"
+    clocks: Clocks | None = None  # per-column merge: the row's column clocks after a write
 
     def local_after(self, previous: LocalRow | None, incoming: Incoming) -> LocalRow | None:
         """The site row once this decision is applied (as the applier's write will read back:
@@ -136,8 +150,9 @@ class Decision:
             assert self.row is not None
             if self.outcome == "local_wins" and previous is not None:
                 # The site row won and only took counter deltas: it keeps its own key.
-                return LocalRow(self.row, previous.commit_ts, previous.origin)
-            return LocalRow(self.row, incoming.commit_ts, incoming.origin)
+                return LocalRow(self.row, previous.commit_ts, previous.origin,
+                                self.clocks if self.clocks is not None else previous.clocks)
+            return LocalRow(self.row, incoming.commit_ts, incoming.origin, self.clocks)
         if self.action == "delete":
             return None
         return previous

@@ -69,6 +69,9 @@ Strategies (W = the incoming insert/update, D = the incoming delete, T = the tom
   that wins still gets the counter deltas (`write`, outcome `local_wins`). A column whose value is
   NULL or not a finite number, and every change without `old` or local row, follows the strategy.
 
+Per-column merge (`merge_columns`, with `lww` on commit time): each column has its own last
+writer; the rules are in `_columns`.
+
 Delete-with-no-local-row (every strategy): a tombstone D does not follow is kept (`skip`,
 `kept_deleted`); otherwise the decision is `delete`, which records the new tombstone.
 
@@ -91,6 +94,7 @@ from typing import TYPE_CHECKING, cast
 from cdc_sync.changes import Op
 from cdc_sync.config import local_rows_needed
 
+from ._columns import resolve_columns
 from ._model import Decision, Incoming, LocalRow, Resolver, Tombstone, Values
 from ._versions import (
     Version,
@@ -118,7 +122,8 @@ def make_resolver(policy: ResolvedPolicy, *, site: str) -> Resolver:
     (a `ConfigError` from `policy.load_merge()` propagates)."""
     merge = cast(MergeFunction, policy.load_merge()) if policy.strategy == "merge" else None
     return PolicyResolver(policy.table, policy.strategy, version_column=policy.version_column,
-                          counters=policy.counters, site=site, merge=merge)
+                          counters=policy.counters, site=site, merge=merge,
+                          merge_columns=policy.merge_columns)
 
 
 def _follows(a: _Key, b: _Key) -> bool:
@@ -151,14 +156,17 @@ def _text(value: object, column: str, table: str) -> str | None:
 class PolicyResolver:
     """A `Resolver` for one table's policy at one site (see the module docstring)."""
 
-    __slots__ = ("_counters", "_merge", "_version_column", "needs_local_rows", "site",
-                 "strategy", "table")
+    __slots__ = ("_counters", "_merge", "_version_column", "merge_columns", "needs_local_rows",
+                 "site", "strategy", "table")
 
     def __init__(self, table: str, strategy: str, *, version_column: str | None = None,
                  counters: tuple[str, ...] = (), site: str,
-                 merge: MergeFunction | None = None) -> None:
+                 merge: MergeFunction | None = None, merge_columns: bool = False) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown conflict strategy {strategy!r}")
+        if merge_columns and (strategy != "lww" or version_column is not None):
+            raise ValueError(f'merge_columns for {table} needs strategy "lww" without a '
+                             "version_column (columns are ordered by commit time)")
         if strategy == "merge" and merge is None:
             raise ValueError(f'strategy "merge" for {table} needs a merge function')
         self.table = table
@@ -167,6 +175,7 @@ class PolicyResolver:
         self._version_column = version_column
         self._counters = frozenset(counters)
         self._merge = merge
+        self.merge_columns = merge_columns
         self.needs_local_rows: bool = local_rows_needed(strategy, counters)
 
     @property
@@ -181,12 +190,14 @@ class PolicyResolver:
     def __repr__(self) -> str:
         return (f"PolicyResolver({self.table!r}, {self.strategy!r}, "
                 f"version_column={self._version_column!r}, counters={sorted(self._counters)!r}, "
-                f"site={self.site!r})")
+                f"site={self.site!r}, merge_columns={self.merge_columns!r})")
 
     # -- the entry point ---------------------------------------------------------------------
 
     def resolve(self, local: LocalRow | None, incoming: Incoming,
                 tombstone: Tombstone | None) -> Decision:
+        if self.merge_columns:
+            return resolve_columns(self, local, incoming, tombstone)
         op = incoming.op
         if op is Op.DELETE:
             return self._delete(local, incoming, tombstone)
@@ -330,6 +341,19 @@ class PolicyResolver:
         return Decision("skip", None, conflict, none_means)
 
     # -- rows, keys, counters --------------------------------------------------------------------
+
+    def incoming_row(self, incoming: Incoming, local: LocalRow | None) -> tuple[Row, bool]:
+        """The full row an insert/update describes, and whether it is complete without
+        `local` (see the module docstring)."""
+        return self._incoming_row(incoming, local)
+
+    def differs(self, local: LocalRow, incoming: Incoming) -> bool:
+        """With a full `old`: whether the local row is not the row the change started from."""
+        return self._differs(local, incoming)
+
+    def counter_values(self, local: LocalRow, incoming: Incoming) -> Row:
+        """The counter columns of an update applied as deltas to the local row."""
+        return self._counter_values(local, incoming)
 
     def _incoming_row(self, incoming: Incoming, local: LocalRow | None) -> tuple[Row, bool]:
         """The full row the change describes, and whether it is complete without `local`."""

@@ -40,7 +40,7 @@ from psycopg import sql
 
 from ..changes import UNCHANGED_TOAST, Change, Op, Table, TxBegin
 from ..protocol import ReplicaIdentity
-from ..resolve import Decision, Incoming, LocalRow, Resolver, Tombstone
+from ..resolve import Clocks, Decision, Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
 from ._arrays import transpose
 from ._rows import as_dict, key_dict, key_values
@@ -169,16 +169,44 @@ def _tombstones_sql(with_ts: bool) -> str:
     # knows the time of the DELETE statement, which may precede a concurrent write it beat.
     when = ("COALESCE(CASE WHEN source IS NULL THEN pg_xact_commit_timestamp(xmin) END, "
             "deleted_at)" if with_ts else "deleted_at")
-    return (f"SELECT key, {when}, version, source FROM cdc_sync.tombstones "  # noqa: S608
-            "WHERE table_name = %s AND key = ANY(%s::text[]::jsonb[])")
+    return (f"SELECT key, {when}, version, source, row_values "  # noqa: S608
+            "FROM cdc_sync.tombstones WHERE table_name = %s AND key = ANY(%s::text[]::jsonb[])")
+
+
+def _clocks_sql(with_ts: bool) -> str:
+    # Local writes (recorded by the site's trigger with their xid) are dated by the commit of
+    # that transaction, as the other offices read it in the stream; the trigger's clock time
+    # stands in where commit timestamps are not tracked (or no longer known).
+    local = ("COALESCE(pg_xact_commit_timestamp(xid((e.value->>'x')::xid8)), "
+             "(e.value->>'t')::timestamptz)" if with_ts else "(e.value->>'t')::timestamptz")
+    return ("SELECT cv.key, (SELECT jsonb_object_agg(e.key, CASE WHEN e.value ? 'x' THEN "  # noqa: S608
+            f"jsonb_build_array({local}, '') ELSE jsonb_build_array(e.value->'t', e.value->'o') "
+            "END) FROM jsonb_each(cv.clocks) AS e) FROM cdc_sync.column_versions AS cv "
+            "WHERE cv.table_name = %s AND cv.key = ANY(%s::text[]::jsonb[])")
+
+
+_CLOCKS_UPSERT = (
+    "INSERT INTO cdc_sync.column_versions (table_name, key, clocks) "
+    "SELECT %s, k::jsonb, c::jsonb FROM unnest(%s::text[], %s::text[]) AS u(k, c) "
+    "ON CONFLICT (table_name, key) DO UPDATE "
+    "SET clocks = cdc_sync.column_versions.clocks || EXCLUDED.clocks")
+
+
+def _clocks(raw: Any) -> Clocks:
+    """Clocks as `_clocks_sql` returns them: column -> [ISO time, office]."""
+    if not raw:
+        return {}
+    return {c: (datetime.fromisoformat(v[0]), v[1] or "") for c, v in raw.items()
+            if v and v[0] is not None}
 
 
 _TOMBSTONE_UPSERT = (
-    "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn) "
-    "SELECT %s, k::jsonb, d, v, s, l::pg_lsn FROM unnest(%s::text[], %s::timestamptz[], %s::text[], "
-    "%s::text[], %s::text[]) AS u(k, d, v, s, l) "
+    "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn, "
+    "row_values) SELECT %s, k::jsonb, d, v, s, l::pg_lsn, r::jsonb FROM unnest(%s::text[], "
+    "%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[]) AS u(k, d, v, s, l, r) "
     "ON CONFLICT (table_name, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, "
-    "version = EXCLUDED.version, source = EXCLUDED.source, lsn = EXCLUDED.lsn")
+    "version = EXCLUDED.version, source = EXCLUDED.source, lsn = EXCLUDED.lsn, "
+    "row_values = EXCLUDED.row_values")
 _TOMBSTONE_DELETE = ("DELETE FROM cdc_sync.tombstones WHERE table_name = %s "
                      "AND key = ANY(%s::text[]::jsonb[])")
 _CONFLICTS_INSERT = (
@@ -195,6 +223,7 @@ class _State:
 
     seen: dict[Key, LocalRow]             # rows as read (present on the site when we looked)
     tombs_read: dict[Key, Tombstone]
+    clocks_read: dict[Key, Clocks] = field(default_factory=dict)  # merge_columns only
     rows: dict[Key, LocalRow | None] = field(default_factory=dict)
     tombs: dict[Key, Tombstone | None] = field(default_factory=dict)
     tomb_lsn: dict[Key, str | None] = field(default_factory=dict)
@@ -232,7 +261,8 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
     with_ts = ctx.track_commit_ts
     versions = with_ts and needs_row_versions(resolver)
     key_json = [_json(dict(zip(names, k, strict=True))) for k in keys]
-    with conn.cursor() as tcur:
+    columns = bool(getattr(resolver, "merge_columns", False))
+    with conn.cursor() as tcur, conn.cursor() as ccur:
         with conn.pipeline():
             for query, params in first:
                 cur.execute(query, params)
@@ -242,12 +272,16 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
             else:
                 cur.execute(_local_rows_sql(st, with_ts, False), transpose(keys))
             tcur.execute(_tombstones_sql(with_ts), (table.qualified, key_json))
+            if columns:
+                ccur.execute(_clocks_sql(with_ts), (table.qualified, key_json))
         fetched = cur.fetchall()
         tomb_rows = tcur.fetchall()
+        clock_rows = ccur.fetchall() if columns else []
     nk, nc = len(st.key), len(table.columns)
     idents = {r[-2] for r in fetched if r[-2]}  # (0: written locally, no origin)
     origins = ctx.origin_names(cur, idents) if idents else {}
     site = ctx.site_name
+    clocks_read = {tuple(k.get(n) for n in names): _clocks(c) for k, c in clock_rows}
     seen: dict[Key, LocalRow] = {}
     for r in fetched:
         values = dict(zip(table.columns, r[nk:nk + nc], strict=True))
@@ -256,11 +290,14 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
             origin = recorded
         else:
             origin = origin_source(origins.get(roident), site) if roident else site
-        seen[tuple(r[:nk])] = LocalRow(values, ts, origin)
+        k = tuple(r[:nk])
+        seen[k] = LocalRow(values, ts, origin, clocks_read.get(k, {}) if columns else None)
     tombs_read: dict[Key, Tombstone] = {}
-    for k, deleted_at, version, source in tomb_rows:
-        tombs_read[tuple(k.get(n) for n in names)] = Tombstone(deleted_at, version, source or "")
-    state = _State(seen, tombs_read)
+    for k, deleted_at, version, source, row_values in tomb_rows:
+        key = tuple(k.get(n) for n in names)
+        tombs_read[key] = Tombstone(deleted_at, version, source or "", row_values,
+                                    clocks_read.get(key, {}) if columns else None)
+    state = _State(seen, tombs_read, clocks_read)
     conflicts = _decide(ctx, state, st, changes, begin, resolver)
     strategy = str(getattr(resolver, "strategy", ""))
     raced = _write(ctx, cur, st, state, conflicts, names, strategy, versions)
@@ -461,6 +498,29 @@ def _write_versions(cur: psycopg.Cursor[Any], st: SiteTable, state: _State,
                                        [_json(dict(zip(names, k, strict=True))) for k in gone]))
 
 
+def _clocks_to_write(state: _State, raced: set[Key]) -> list[tuple[Key, dict[str, Any]]]:
+    """merge_columns: per key whose column clocks changed, the entries that changed (merged
+    into the stored ones: a local write's entry for another column, recorded by its trigger
+    while we worked, stays)."""
+    out: list[tuple[Key, dict[str, Any]]] = []
+    for k in dict.fromkeys([*state.written, *state.tomb_changed]):
+        if k in raced:
+            continue
+        row = state.row(k)
+        final = row.clocks if row is not None else None
+        if final is None:
+            tomb = state.tomb(k)
+            final = tomb.clocks if tomb is not None else None
+        if not final:
+            continue
+        before = state.clocks_read.get(k, {})
+        changed = {c: {"t": ts.isoformat(), "o": o} for c, (ts, o) in final.items()
+                   if before.get(c) != (ts, o)}
+        if changed:
+            out.append((k, changed))
+    return out
+
+
 def _write_bookkeeping(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
                        state: _State, conflicts: list[_Conflict], names: Sequence[str],
                        raced: set[Key], strategy: str) -> None:
@@ -485,7 +545,13 @@ def _write_bookkeeping(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTa
         cur.execute(_TOMBSTONE_UPSERT, (
             table.qualified, [js(k) for k, _t, _l in put], [t.deleted_at for _k, t, _l in put],
             [t.version for _k, t, _l in put], [t.origin or None for _k, t, _l in put],
-            [lsn for _k, _t, lsn in put]))
+            [lsn for _k, _t, lsn in put],
+            [_json_or_null(dict(t.values)) if t.values is not None else None
+             for _k, t, _l in put]))
+    clocks = _clocks_to_write(state, raced)
+    if clocks:
+        cur.execute(_CLOCKS_UPSERT, (table.qualified, [js(k) for k, _c in clocks],
+                                     [_json(c) for _k, c in clocks]))
     if drop:
         cur.execute(_TOMBSTONE_DELETE, (table.qualified, [js(k) for k in drop]))
     logged = [c for c in conflicts if c.key not in raced]

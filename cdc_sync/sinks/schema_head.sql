@@ -161,5 +161,90 @@ COMMENT ON COLUMN cdc_sync.row_versions.origin IS 'the office that wrote it';
 
 UPDATE cdc_sync.alembic_version SET version_num='0003' WHERE cdc_sync.alembic_version.version_num = '0002';
 
+-- Running upgrade 0003 -> 0004
+
+CREATE TABLE cdc_sync.column_versions (
+    table_name TEXT NOT NULL, 
+    key JSONB NOT NULL, 
+    clocks JSONB NOT NULL, 
+    PRIMARY KEY (table_name, key)
+);
+
+COMMENT ON TABLE cdc_sync.column_versions IS 'per key of a merge_columns table: the last writer of each column';
+
+COMMENT ON COLUMN cdc_sync.column_versions.clocks IS 'column -> {"t": commit time, "o": office} or {"x": local xid}';
+
+ALTER TABLE cdc_sync.tombstones ADD COLUMN row_values JSONB;
+
+COMMENT ON COLUMN cdc_sync.tombstones.row_values IS 'merge_columns: the deleted row''s values';
+
+CREATE OR REPLACE FUNCTION cdc_sync.record_tombstone() RETURNS trigger
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            row_json jsonb := to_jsonb(OLD);
+            key_json jsonb;
+            version_text text;
+            values_json jsonb;
+            col text;
+            val text;
+        BEGIN
+            -- TG_ARGV[0]: key column names as a text[] literal; TG_ARGV[1]: version column or
+            -- ''; TG_ARGV[2] (optional): 'values' to keep the deleted row's text values
+            SELECT jsonb_object_agg(k, row_json ->> k) INTO key_json
+            FROM unnest(TG_ARGV[0]::text[]) AS k;
+            IF TG_NARGS > 1 AND TG_ARGV[1] <> '' THEN
+                EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO version_text USING OLD;
+            END IF;
+            IF TG_NARGS > 2 AND TG_ARGV[2] = 'values' THEN
+                values_json := '{}'::jsonb;
+                FOR col IN SELECT attname FROM pg_attribute
+                           WHERE attrelid = TG_RELID AND attnum > 0 AND NOT attisdropped LOOP
+                    EXECUTE format('SELECT ($1).%I::text', col) INTO val USING OLD;
+                    values_json := values_json || jsonb_build_object(col, val);
+                END LOOP;
+            END IF;
+            INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source,
+                                             row_values)
+            VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, clock_timestamp(),
+                    version_text, NULL, values_json)
+            ON CONFLICT (table_name, key) DO UPDATE
+                SET deleted_at = EXCLUDED.deleted_at, version = EXCLUDED.version,
+                    source = NULL, lsn = NULL, row_values = EXCLUDED.row_values;
+            RETURN OLD;
+        END
+        $fn$;
+
+CREATE OR REPLACE FUNCTION cdc_sync.record_column_versions() RETURNS trigger
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            new_json jsonb := to_jsonb(NEW);
+            old_json jsonb;
+            key_json jsonb;
+            stamp jsonb := jsonb_build_object('x', pg_current_xact_id()::text,
+                                              't', clock_timestamp());
+            changed jsonb;
+        BEGIN
+            -- TG_ARGV[0]: key column names as a text[] literal
+            SELECT jsonb_object_agg(k, new_json ->> k) INTO key_json
+            FROM unnest(TG_ARGV[0]::text[]) AS k;
+            IF TG_OP = 'UPDATE' THEN
+                old_json := to_jsonb(OLD);
+                SELECT jsonb_object_agg(e.key, stamp) INTO changed FROM jsonb_each(new_json) e
+                WHERE e.value IS DISTINCT FROM old_json -> e.key;
+            ELSE
+                SELECT jsonb_object_agg(e.key, stamp) INTO changed FROM jsonb_each(new_json) e;
+            END IF;
+            IF changed IS NOT NULL THEN
+                INSERT INTO cdc_sync.column_versions (table_name, key, clocks)
+                VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, key_json, changed)
+                ON CONFLICT (table_name, key) DO UPDATE
+                    SET clocks = cdc_sync.column_versions.clocks || EXCLUDED.clocks;
+            END IF;
+            RETURN NULL;
+        END
+        $fn$;
+
+UPDATE cdc_sync.alembic_version SET version_num='0004' WHERE cdc_sync.alembic_version.version_num = '0003';
+
 COMMIT;
 
