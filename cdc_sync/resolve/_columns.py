@@ -124,8 +124,10 @@ def resolve_columns(r: PolicyResolver, local: LocalRow | None, incoming: Incomin
         if newer and (whole or complete):
             return Decision("write", kept, conflict, "incoming_wins" if conflict else "applied",
                             clocks=clocks)
+        # A local delete's tombstone is kept under this site's name: rewritten by us, its
+        # row's commit time would read as ours (the source's, under our replication origin).
         return Decision("delete", None, conflict, "kept_deleted", Tombstone(
-            tombstone.deleted_at, tombstone.version, tombstone.origin, kept, clocks))
+            tombstone.deleted_at, tombstone.version, tombstone.origin or site, kept, clocks))
     if incoming.op is Op.INSERT or complete:
         conflict = None if incoming.op is Op.INSERT else "update_missing"
         return Decision("write", row, conflict, "applied" if conflict is None else

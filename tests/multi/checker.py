@@ -37,6 +37,7 @@ import os
 import random
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
+from psycopg import sql
 
 from cdc_sync import commands
 from cdc_sync.config import Settings, settings_from_dict
@@ -88,6 +90,20 @@ DELETE = "DELETE FROM grants WHERE id = %(k)s"
 RETURNING = " RETURNING writer, amount::text, updated_at::text, pg_current_xact_id()::text"
 INCREMENT = "UPDATE budgets SET spent = spent + %(d)s WHERE id = %(k)s RETURNING id"
 
+# Per-column merge ("columns"): an update sets a random subset of these to values no write
+# repeats (so every column it sets is a column it changed); inserts set every column.
+MERGED = ("amount", "note", "writer")
+GRANT_COLUMNS = ("office", "amount", "note", "writer", "updated_at")
+COL_RETURNING = (" RETURNING office, amount::text, note, writer, updated_at::text, xmax = 0, "
+                 "pg_current_xact_id()::text")
+COL_INSERT = ("INSERT INTO grants (id, office, amount, note, writer, updated_at) VALUES "
+              "(%(k)s, %(o)s, %(amount)s, %(note)s, %(writer)s, clock_timestamp()) "
+              "ON CONFLICT (id) DO NOTHING")
+COL_UPSERT = ("INSERT INTO grants (id, office, amount, note, writer, updated_at) VALUES "
+              "(%(k)s, %(o)s, %(amount)s, %(note)s, %(writer)s, clock_timestamp()) "
+              "ON CONFLICT (id) DO UPDATE SET amount = excluded.amount, note = excluded.note, "
+              "writer = excluded.writer")
+
 
 def chosen_seed(default: int) -> int:
     """`CDC_SYNC_SEED` when set (an integer, or "random" for a fresh one), else `default`."""
@@ -104,9 +120,14 @@ def soak_seconds(default: float) -> float:
     return float(raw) if raw else default
 
 
+ORDERED_BY = {"version": "updated_at", "commit": "commit time",
+              "columns": "commit time, column by column (merge_columns)"}
+
+
 @dataclass(frozen=True)
 class Scenario:
-    strategy: Literal["version", "commit"]  # lww on updated_at, or on commit timestamps
+    # lww on updated_at, on commit timestamps, or column by column (merge_columns)
+    strategy: Literal["version", "commit", "columns"]
     identity: Literal["default", "full"]  # REPLICA IDENTITY of grants at every office
     seed: int
     seconds: float = 12.0
@@ -120,11 +141,13 @@ class Scenario:
         tables: dict[str, Any] = {"public.budgets": {"counters": ["spent"]}}
         if self.strategy == "version":
             tables["public.grants"] = {"version_column": "updated_at"}
+        elif self.strategy == "columns":
+            tables["public.grants"] = {"merge_columns": True}
         return {"strategy": "lww", "tables": tables}
 
     def __str__(self) -> str:
         return (f"seed {self.seed} ({SEED_ENV}={self.seed} reruns it): lww on "
-                f"{'updated_at' if self.strategy == 'version' else 'commit time'}, "
+                f"{ORDERED_BY[self.strategy]}, "
                 f"REPLICA IDENTITY {self.identity.upper()}, {self.seconds:g} s, "
                 f"{self.writers} writers per office, {self.keys} keys")
 
@@ -138,6 +161,10 @@ class Write:
     writer: str  # what the row says after the write (a delete: the deleted row's writer)
     amount: str
     version: str  # updated_at written (a delete: of the deleted row), as text
+    cols: tuple[tuple[str, str | None], ...] = ()  # "columns": every column it set, as text
+
+    def cols_dict(self) -> dict[str, str | None]:
+        return dict(self.cols)
 
 
 @dataclass
@@ -277,6 +304,11 @@ def writer_loop(sc: Scenario, o: Office, index: int, gate: Gate, stop: threading
                     if conn.execute(INCREMENT, {"k": b, "d": d}).fetchone() is not None:
                         increments[b] += d
                         added += 1
+                elif sc.strategy == "columns":
+                    op = "insert" if r < 0.4 else "update" if r < 0.8 else "delete"
+                    w = write_columns(conn, op, o.name, k, f"{o.name}.{index}#{n}", rng)
+                    if w is not None:
+                        writes.append(w)
                 else:
                     op, stmt = (("insert", INSERT) if r < 0.4 else
                                 ("update", UPDATE) if r < 0.8 else ("delete", DELETE))
@@ -306,6 +338,37 @@ def write_row(conn: psycopg.Connection[Any], stmt: str, op: str, office: str, ke
     ts = conn.execute("SELECT pg_xact_commit_timestamp(xid(%s::xid8))", (row[3],)).fetchone()
     assert ts is not None and ts[0] is not None, "track_commit_timestamp is off"
     return Write(office, key, op, ts[0], row[0], row[1], row[2])
+
+
+def write_columns(conn: psycopg.Connection[Any], op: str, office: str, key: int, tag: str,
+                  rng: random.Random) -> Write | None:
+    """One grants write of the "columns" scenario in its own transaction: an insert of every
+    column, an update of a random subset of `MERGED` (an upsert: all of them, or every column
+    when it inserts), or a delete; the committed write (with the columns it set) or None."""
+    unique = {"amount": str(zlib.crc32(tag.encode()) % 10**9), "note": f"n:{tag}", "writer": tag}
+    params: dict[str, Any] = {"k": key, "o": office, **unique}
+    if op == "delete":
+        row = conn.execute(DELETE + COL_RETURNING, params).fetchone()
+    elif op == "update":
+        chosen = rng.sample(MERGED, rng.randint(1, len(MERGED)))
+        stmt = sql.SQL("UPDATE grants SET {} WHERE id = %(k)s").format(sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder(c)) for c in chosen))
+        row = conn.execute(stmt.as_string(None) + COL_RETURNING, params).fetchone()
+    else:
+        row = conn.execute((COL_INSERT if op == "insert" else COL_UPSERT) + COL_RETURNING,
+                           params).fetchone()
+    if row is None:
+        return None
+    ts = conn.execute("SELECT pg_xact_commit_timestamp(xid(%s::xid8))", (row[6],)).fetchone()
+    assert ts is not None and ts[0] is not None, "track_commit_timestamp is off"
+    values = dict(zip(GRANT_COLUMNS, row[:5], strict=True))
+    if op == "delete":
+        cols: tuple[tuple[str, str | None], ...] = ()
+    elif op == "insert" or (op == "upsert" and row[5]):  # inserted (xmax = 0 on upsert)
+        cols = tuple(values.items())
+    else:
+        cols = tuple((c, values[c]) for c in (chosen if op == "update" else MERGED))
+    return Write(office, key, op, ts[0], str(row[3]), str(row[1]), str(row[4]), cols)
 
 
 def fault_loop(sc: Scenario, offices: Sequence[Office], gates: dict[str, Gate],
@@ -347,8 +410,11 @@ def final_writes(sc: Scenario, offices: Sequence[Office], record: Record) -> Non
         for k in keys:
             o = rng.choice(offices)
             op, stmt = ("delete", DELETE) if rng.random() < 0.3 else ("upsert", UPSERT)
-            w = write_row(conns[o.name], stmt, op, o.name, k, rng.randint(1, 99_999),
-                          f"{o.name}.final")
+            if sc.strategy == "columns":
+                w = write_columns(conns[o.name], op, o.name, k, f"{o.name}.final{k}", rng)
+            else:
+                w = write_row(conns[o.name], stmt, op, o.name, k, rng.randint(1, 99_999),
+                              f"{o.name}.final")
             if w is not None:
                 record.add([w], Counter(), o.name)
             time.sleep(sc.final_gap)
@@ -403,7 +469,7 @@ def run(sc: Scenario, offices: Sequence[Office], tmp: Path) -> None:
 
 def ordering_key(sc: Scenario, w: Write) -> tuple[Any, ...]:
     """The README's ordering key of a committed write under the scenario's strategy."""
-    if sc.strategy == "commit":
+    if sc.strategy in ("commit", "columns"):
         return (w.commit_ts, w.office)
     if w.op == "delete":
         deleted = w.version if sc.identity == "full" else None
@@ -412,7 +478,8 @@ def ordering_key(sc: Scenario, w: Write) -> tuple[Any, ...]:
     return (parse_version(w.version), 0, w.office)
 
 
-Held = tuple[str, str, str] | None  # (writer, amount, updated_at) or absent
+Held = tuple[str | None, ...] | None  # (writer, amount, updated_at) or absent; "columns":
+# (office, amount, note, writer, updated_at)
 
 
 def held(w: Write) -> Held:
@@ -423,8 +490,17 @@ def expected(sc: Scenario, log: Sequence[Write]) -> dict[int, Held]:
     out: dict[int, Held] = {k: None for k in range(1, sc.keys + 1)}
     for k in out:
         writes = [w for w in log if w.key == k]
-        if writes:
-            out[k] = held(max(writes, key=lambda w: ordering_key(sc, w)))
+        if not writes:
+            continue
+        last = max(writes, key=lambda w: ordering_key(sc, w))
+        if sc.strategy != "columns":
+            out[k] = held(last)
+        elif last.op != "delete":
+            # The row stands (its latest write is not a delete); each column holds the value
+            # of the latest write that set it (deletes keep cells: merge_columns' rules).
+            out[k] = tuple(max((w for w in writes if c in dict(w.cols)),
+                               key=lambda w: ordering_key(sc, w)).cols_dict()[c]
+                           for c in GRANT_COLUMNS)
     return out
 
 
@@ -439,13 +515,25 @@ def clear_last(sc: Scenario, log: Sequence[Write]) -> dict[int, Write]:
     return out
 
 
-def grants_at(o: Office, keys: int) -> dict[int, Held]:
+def grants_at(o: Office, keys: int, columns: bool = False) -> dict[int, Held]:
+    what = ("office, amount::text, note, writer, updated_at::text" if columns
+            else "writer, amount::text, updated_at::text")
     with connect(o.dsn) as conn:
-        rows = conn.execute("SELECT id, writer, amount::text, updated_at::text FROM grants"
-                            ).fetchall()
+        rows = conn.execute(f"SELECT id, {what} FROM grants").fetchall()  # noqa: S608
     got: dict[int, Held] = {k: None for k in range(1, keys + 1)}
-    got.update({r[0]: (r[1], r[2], r[3]) for r in rows})
+    got.update({r[0]: tuple(r[1:]) for r in rows})
     return got
+
+
+def holds(sc: Scenario, final: Held, w: Write) -> bool:
+    """Whether the row `final` holds write `w` (a delete: absent; "columns": every column it
+    set has its value)."""
+    if w.op == "delete" or final is None:
+        return (w.op == "delete") == (final is None)
+    if sc.strategy != "columns":
+        return final == held(w)
+    now = dict(zip(GRANT_COLUMNS, final, strict=True))
+    return all(now[c] == v for c, v in w.cols)
 
 
 def history(log: Sequence[Write], keys: Iterable[int], last: int = 4) -> dict[int, list[str]]:
@@ -453,8 +541,44 @@ def history(log: Sequence[Write], keys: Iterable[int], last: int = 4) -> dict[in
     for k in keys:
         writes = sorted((w for w in log if w.key == k), key=lambda w: w.commit_ts)[-last:]
         out[k] = [f"{w.commit_ts.time()} {w.office} {w.op} {w.writer} v={w.version}"
-                  for w in writes]
+                  + (f" set {w.cols_dict()}" if w.cols else "") for w in writes]
     return out
+
+
+def explain(sc: Scenario, offices: Sequence[Office], log: Sequence[Write]) -> str:
+    """For the first keys the offices disagree on: each office's row, column clocks and
+    tombstone, and the key's last writes."""
+    finals = {o.name: grants_at(o, sc.keys, sc.strategy == "columns") for o in offices}
+    keys = [k for k in range(1, sc.keys + 1)
+            if len({repr(f[k]) for f in finals.values()}) > 1][:3]
+    out = []
+    for k in keys:
+        out.append(f"\nkey {k}:")
+        for o in offices:
+            with connect(o.dsn) as conn:
+                clocks = conn.execute("SELECT clocks::text FROM cdc_sync.column_versions "
+                                      "WHERE key = jsonb_build_object('id', %s::text)",
+                                      (str(k),)).fetchall()
+                tomb = conn.execute("SELECT deleted_at, source, row_values::text FROM "
+                                    "cdc_sync.tombstones WHERE key = jsonb_build_object("
+                                    "'id', %s::text)", (str(k),)).fetchall()
+                logged = conn.execute(
+                    "SELECT source, kind, outcome, commit_ts::time::text, "
+                    "incoming_row->>'writer', local_row->>'writer' FROM cdc_sync.conflicts "
+                    "WHERE key = jsonb_build_object('id', %s::text) ORDER BY id DESC LIMIT 6",
+                    (str(k),)).fetchall()
+            out.append(f"  {o.name}: {finals[o.name][k]} clocks={clocks} tomb={tomb} "
+                       f"conflicts (latest first)={logged}")
+        out.extend(f"  {h}" for h in history(log, [k], last=6)[k])
+    if not keys:
+        out.append("\n(no key differs any more: the offices were still converging)")
+    for o in offices:
+        with connect(o.dsn) as conn:
+            dead = conn.execute("SELECT count(*), min(error) FROM cdc_sync.dead_letters"
+                                ).fetchone()
+        if dead and dead[0]:
+            out.append(f"\n{o.name}: {dead[0]} dead letters, e.g. {dead[1]}")
+    return "\n".join(out)
 
 
 def check(sc: Scenario, offices: Sequence[Office], reps: Replicators, record: Record) -> None:
@@ -468,8 +592,9 @@ def check(sc: Scenario, offices: Sequence[Office], reps: Replicators, record: Re
         if len({tuple(v) for v in views.values()}) > 1:
             first = set(views[offices[0].name])
             diff = {n: sorted(set(v) ^ first)[:8] for n, v in views.items()}
-            raise AssertionError(f"{where} offices differ on {table}: {diff}")
-    final = grants_at(offices[0], sc.keys)
+            raise AssertionError(f"{where} offices differ on {table}: {diff}"
+                                 + (explain(sc, offices, log) if table == "grants" else ""))
+    final = grants_at(offices[0], sc.keys, sc.strategy == "columns")
     assert any(v is not None for v in final.values()), f"{where} no row left: proves little"
     want = expected(sc, log)
     wrong = {k: (v, want[k]) for k, v in final.items() if v != want[k]}
@@ -477,7 +602,7 @@ def check(sc: Scenario, offices: Sequence[Office], reps: Replicators, record: Re
                        f"(got, expected): {wrong}; their last writes: {history(log, wrong)}")
     clear = clear_last(sc, log)
     assert len(clear) >= sc.keys // 2, f"{where} only {len(clear)} keys with a clear last write"
-    stale = {k: (final[k], held(w)) for k, w in clear.items() if final[k] != held(w)}
+    stale = {k: (final[k], held(w)) for k, w in clear.items() if not holds(sc, final[k], w)}
     assert not stale, (f"{where} keys not holding a last write that stands clear (got, "
                        f"written): {stale}; their last writes: {history(log, stale)}")
     with connect(offices[0].dsn) as conn:

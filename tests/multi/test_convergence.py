@@ -4,7 +4,8 @@ The machinery and what is checked are in `tests/multi/checker.py`: two writers p
 40 grant keys and five counters for 12 s, one replicator SIGKILLed and one office's server
 restarted mid-run, a last write per key 60 ms apart; then identical offices, every key holding
 its last write by the README's ordering key (and every clear last write, deletes included),
-counters equal to the sum of their increments, nothing looping.
+counters equal to the sum of their increments, nothing looping. The per-column case
+(`merge_columns`) checks each column against the latest write that set it.
 
 Each case runs on PG15 and PG16 with its own seed (`CDC_SYNC_SEED` overrides it, "random"
 picks one; the seed is printed and named in every failure); REPLICA IDENTITY alternates
@@ -38,4 +39,14 @@ def test_offices_converge_under_faults(offices: Callable[..., list[Office]],
         "full" if (strategy == "version") == (major == 15) else "default")
     seed = chosen_seed(major * 100 + (1 if strategy == "version" else 2))
     sc = Scenario(strategy, identity, seed, seconds=soak_seconds(12.0))
+    run(sc, offices(OFFICES, CHECKER_DDL), tmp_path)
+
+
+def test_offices_converge_column_by_column_under_faults(
+        offices: Callable[..., list[Office]], server_binaries: ServerBinaries,
+        tmp_path: Path) -> None:
+    """merge_columns: writers update random subsets of a grant's columns at three offices;
+    every column ends with its own last writer's value at every office."""
+    seed = chosen_seed(server_binaries.major * 100 + 3)
+    sc = Scenario("columns", "full", seed, seconds=soak_seconds(12.0))
     run(sc, offices(OFFICES, CHECKER_DDL), tmp_path)

@@ -244,3 +244,14 @@ def test_three_offices_converge_column_by_column(deletes: bool) -> None:
             assert final[column] == expected, (
                 f"seed {seed} (CDC_SYNC_SEED={seed}): {column} is {final[column]!r}, its "
                 f"last write was {expected!r}")
+
+
+def test_a_local_tombstone_rewritten_keeps_this_sites_name() -> None:
+    """A local delete's tombstone (origin "") that takes an older write's cells is written
+    back under the site's name: left as a local one, the applier would date it by its own
+    transaction's commit time, which under our replication origin is the incoming source's."""
+    r = resolver("tokyo")
+    local = Tombstone(at(19), None, "", dict(BASE), base_row().clocks)
+    d = r.resolve(None, update(BASE, 18, "washington", owner="bob"), local)
+    assert d.outcome == "kept_deleted" and d.tombstone is not None
+    assert (d.tombstone.origin, d.tombstone.deleted_at) == ("tokyo", at(19))
