@@ -74,8 +74,12 @@ AHEAD_MIN_CHANGES = 1000
 SAVEPOINT_EVERY = 8
 TOMBSTONE_PURGE_INTERVAL = 60.0
 
+# The column clocks of a key (merge_columns) go with its tombstone: the key is forgotten.
 _PURGE_TOMBSTONES = dollar_params(
-    "DELETE FROM cdc_sync.tombstones WHERE deleted_at < now() - make_interval(secs => %s::float8)")
+    "WITH gone AS (DELETE FROM cdc_sync.tombstones "
+    "WHERE deleted_at < now() - make_interval(secs => %s::float8) RETURNING table_name, key) "
+    "DELETE FROM cdc_sync.column_versions AS cv USING gone "
+    "WHERE cv.table_name = gone.table_name AND cv.key = gone.key")
 _ORIGIN_XACT_SETUP = dollar_params("SELECT pg_replication_origin_xact_setup(%s::pg_lsn, %s::timestamptz)")
 _PROGRESS_UPSERT = dollar_params(_sql.PROGRESS_UPSERT.as_string(None))
 
