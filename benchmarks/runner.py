@@ -24,6 +24,7 @@ from benchmarks import (
     apply_memory,
     backlog,
     initial_copy,
+    mesh,
     pgbench_latency,
     update_one_site,
     update_three_sites,
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Scenario] = {
         initial_copy.SCENARIO,
         apply_memory.SCENARIO,
         backlog.SCENARIO,
+        mesh.SCENARIO,
     )
 }
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
