@@ -225,7 +225,7 @@ class Harness:
                 if failed:
                     log(f"keeping configs and logs in {workdir}")
                 else:
-                    shutil.rmtree(workdir, ignore_errors=True)
+                    (None if os.environ.get("CDC_SYNC_BENCH_KEEP") else shutil.rmtree(workdir, ignore_errors=True))
 
     @property
     def server(self) -> str:

@@ -8,8 +8,10 @@ Contract:
   transaction is applied at most once; because progress is committed with the rows, at least
   once too.
 - Several small source transactions share one target transaction (until the queue is empty,
-  a `Keepalive` says the source has sent everything, or `group_max_changes`/`group_max_seconds`
-  are reached); a huge one is applied chunk by chunk in one target transaction.
+  a `Keepalive` with nothing queued behind it says the source has sent everything, or
+  `group_max_changes`/`group_max_seconds` are reached; a keepalive that stands for a skipped
+  transaction of another office, with more queued, does not end the group); a huge one is
+  applied chunk by chunk in one target transaction.
 - An idle worker checks its site connection every `IDLE_CHECK_SECONDS`: a site that went
   away shows as disconnected in `status` without waiting for the next change.
 - `durable_lsn` only ever grows and only to positions committed on the site (or, on an idle
@@ -639,11 +641,14 @@ class SiteWorker(threading.Thread):
                 if in_src_tx or skipping:
                     continue
                 if writer.in_transaction:
-                    # The source has sent everything up to here: no transaction is on its way
-                    # to join the open group, so it commits now, not at group_max_seconds (a
-                    # keepalive queued behind a commit used to hold it back that long).
+                    # The source has sent everything up to here: unless more is already queued
+                    # (a keepalive also stands for a skipped transaction of another office: in
+                    # a mesh, two in three), no transaction is on its way to join the open
+                    # group, so it commits now, not at group_max_seconds.
                     pending_keepalive = item.wal_end
-                    commit_target()
+                    if (self.queue.empty() or target_changes + buffered >= self.group_max_changes
+                            or time.monotonic() - target_started >= self.group_max_seconds):
+                        commit_target()
                 elif self.durable_lsn is not None and item.wal_end > self.durable_lsn:
                     self.durable_lsn = item.wal_end
 
