@@ -224,8 +224,10 @@ class Harness:
                 harness.stop_children()
                 if failed:
                     log(f"keeping configs and logs in {workdir}")
+                elif os.environ.get("CDC_SYNC_BENCH_KEEP"):  # keep configs and logs to read
+                    log(f"CDC_SYNC_BENCH_KEEP: keeping configs and logs in {workdir}")
                 else:
-                    (None if os.environ.get("CDC_SYNC_BENCH_KEEP") else shutil.rmtree(workdir, ignore_errors=True))
+                    shutil.rmtree(workdir, ignore_errors=True)
 
     @property
     def server(self) -> str:

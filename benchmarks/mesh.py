@@ -271,7 +271,8 @@ def run(harness: Harness, repetitions: int) -> Measurement:
     }
     verdict = {True: "ok", False: "MISSED"}
     details["summary"] = (
-        f"3 offices × pgbench -R {RATE} ({CLIENTS} clients) updating the same {KEYS} grants for "
+        f"3 offices × pgbench -R {RATE} ({CLIENTS} clients) updating the same {KEYS} grants "
+        "for "
         f"{DURATION} s; lowest rate achieved at an office {min_tps:.0f} tps (target ≥ "
         f"{TARGET_RATE}: {verdict[min_tps >= TARGET_RATE * 0.97]}); lag p50 {details['p50_ms']:.0f} ms, worst "
         f"{details['max_ms']:.0f} ms; conflicts logged per run "
