@@ -9,10 +9,16 @@ the same rows up front (the same ``generate_series`` fill) and a subscription wi
 ``copy_data = false``; cdc-sync site databases ``cdc_<key><n>`` get the same, empty, tables and
 ``cdc-sync init`` copies the rows. The workload is one ``UPDATE bench_rows SET x = x + 1``: one
 transaction changing every row.
+
+Knobs for comparing cdc-sync's own settings on this workload (the targets are for the
+defaults): ``CDC_SYNC_UPDATE_STRATEGY`` sets ``[conflicts] strategy`` (e.g. ``lww``, on commit
+time: then the big transaction is streamed and spooled, see README "Large transactions"),
+``CDC_SYNC_UPDATE_STREAMING=off`` sets ``[source] streaming = false``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from benchmarks.harness import (
@@ -66,9 +72,23 @@ def setup(harness: Harness, key: str, *, rows: int, sites: int, native: bool) ->
         for statement in (ROWS_DDL, MARKER_SITE_DDL):
             harness.site_cluster(db).execute(statement, dbname=db)
     cdc = CdcSync(harness, f"cdc_{key}", source_db, cdc_dbs, TABLES)
+    _apply_knobs(cdc)
     log(f"  cdc-sync init ({len(cdc_dbs)} sites)")
     cdc.init()
     return UpdateSetup(source_db=source_db, cdc=cdc, native=replication)
+
+
+def _apply_knobs(cdc: CdcSync) -> None:
+    """``CDC_SYNC_UPDATE_STRATEGY`` / ``CDC_SYNC_UPDATE_STREAMING`` (module doc) into the config."""
+    text = cdc.config.read_text()
+    if os.environ.get("CDC_SYNC_UPDATE_STREAMING", "on") == "off":
+        text = text.replace("\n\n[[sites]]", "\nstreaming = false\n\n[[sites]]", 1)
+    strategy = os.environ.get("CDC_SYNC_UPDATE_STRATEGY")
+    if strategy:
+        text += f'\n[conflicts]\nstrategy = "{strategy}"\n'
+        log(f"  cdc-sync strategy {strategy}, streaming "
+            f"{os.environ.get('CDC_SYNC_UPDATE_STREAMING', 'on')}")
+    cdc.config.write_text(text)
 
 
 def update_all(source: Conn) -> None:

@@ -186,12 +186,14 @@ class TxStreamChanges:
 
 @dataclass(frozen=True, slots=True)
 class TxStreamCommit:
-    """The streamed transaction `xid` committed; `end_lsn` is what a site records as applied."""
+    """The streamed transaction `xid` committed; `end_lsn` is what a site records as applied;
+    `origin` the replication origin its stream named, if any."""
 
     xid: int
     commit_lsn: Lsn
     end_lsn: Lsn
     commit_ts: datetime
+    origin: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,9 +386,9 @@ class Assembler:
         if isinstance(msg, StreamCommit):
             if not known:
                 return []
-            self.stream_origins.pop(msg.xid, None)
+            origin = self.stream_origins.pop(msg.xid, None)
             return [TxStreamCommit(msg.xid, msg.commit_lsn, msg.end_lsn,
-                                   pg_timestamp_to_datetime(msg.commit_ts))]
+                                   pg_timestamp_to_datetime(msg.commit_ts), origin)]
         if msg.subxid != msg.xid and pos is not None:
             self._stream_pos[msg.xid] = pos  # still open: only a subtransaction rolled back
         elif known:

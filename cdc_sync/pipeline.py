@@ -14,10 +14,12 @@ Contract:
 - Large transactions are streamed while in progress (protocol 2) when `[source] streaming` is
   on, the server is 14 or later, and nothing needs a transaction's commit time or position
   before it commits (`stream_apply_possible`: source_wins everywhere, no outbox, no in-process
-  listeners). PostgreSQL 15 cannot tell a streamed transaction's origin: there, unless
-  `forward_origins` is set, a source that has replication origins is streamed without
-  streaming. A site that meets a lock conflict between its own connections asks for a replay
-  without streaming, which is then off for `STREAM_PAUSE` seconds.
+  listeners). Otherwise, with `[source] streaming` on, large transactions are still streamed
+  but spooled to disk once (`StreamSpool`) and handed to the sites as ordinary transactions at
+  their commit, as native `streaming = on` does. PostgreSQL 15 cannot tell a streamed
+  transaction's origin: there, unless `forward_origins` is set, a source that has replication
+  origins is read without streaming. A site that meets a lock conflict between its own
+  connections asks for a replay without streaming, which is then off for `STREAM_PAUSE` s.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from .backoff import backoff_delay
@@ -37,6 +39,9 @@ from .changes import (
     TxBegin,
     TxCommit,
     TxItem,
+    TxStreamAbort,
+    TxStreamChanges,
+    TxStreamCommit,
 )
 from .config import Settings, SiteSettings, table_matches
 from .errors import CdcSyncError
@@ -60,6 +65,7 @@ from .sinks.site import SiteOptions
 from .sinks.worker import Keepalive, SiteWorker
 from .source.monitor import HEARTBEAT_PREFIX, SourceMonitor
 from .source.stream import ReplicationStream, SlotBusy, StreamLost
+from .spool import SpoolError, StreamSpool
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,9 @@ class Pipeline:
         self.retained_bytes: int | None = None
         self.listeners = [ListenerThread(fn, name=f"listener-{i}") for i, fn in enumerate(listeners)]
         self.stream_apply = stream_apply_possible(settings) and not self.listeners
+        # Streamed but held back until commit (see module doc).
+        self.stream_spool = settings.source.streaming and not self.stream_apply
+        self._spool: StreamSpool | None = None
         for w in self.workers:
             w.prestream = self.stream_apply
         self._no_stream_until = 0.0
@@ -152,7 +161,8 @@ class Pipeline:
                 stream = ReplicationStream(
                     source.dsn, source.slot, source.publication,
                     origin_none=not source.forward_origins,
-                    streaming=self.stream_apply and time.monotonic() >= self._no_stream_until,
+                    streaming=((self.stream_apply or self.stream_spool)
+                               and time.monotonic() >= self._no_stream_until),
                     decoding_work_mem=source.decoding_work_mem,
                 )
                 try:
@@ -175,7 +185,7 @@ class Pipeline:
                     if time.monotonic() - busy_since > SLOT_BUSY_PATIENCE:
                         raise
                     self._note_error(exc)
-                except StreamLost as exc:
+                except (StreamLost, SpoolError) as exc:
                     self._note_error(exc)
                 finally:
                     self.connected = False
@@ -227,6 +237,7 @@ class Pipeline:
         last_keepalive_dispatch = 0.0
         idle_end = dispatched_end = Lsn(0)
         last_data = last_check = time.monotonic()
+        self._spool = StreamSpool() if self.streaming and not self.stream_apply else None
         try:
             while not self._stop.is_set() and not self._rewind.is_set():
                 reply = False
@@ -286,14 +297,18 @@ class Pipeline:
                     self._check_retention()
         finally:
             in_tx = assembler.in_transaction
+            if self._spool is not None:
+                self._spool.reset()
+                self._spool = None
         return in_tx
 
     def _emit(self, items: list[TxItem], skipping: bool, forward: bool,
               stream: ReplicationStream) -> bool:
         """Dispatch items, leaving out the transactions that carry a replication origin unless
         `forward`; returns whether the open transaction is being skipped. (Streamed items never
-        come while one is: a stream block cannot start inside a transaction.)"""
-        for item in items:
+        come while one is: a stream block cannot start inside a transaction.) With a spool,
+        streamed items are spooled and each committed one goes out as a whole transaction."""
+        for item in (items if self._spool is None else self._unspooled(items, self._spool)):
             if isinstance(item, TxBegin):
                 skipping = item.origin is not None and not forward
             if not skipping:
@@ -303,6 +318,19 @@ class Pipeline:
                 skipping = False
                 self._dispatch(Keepalive(item.end_lsn), stream)
         return skipping
+
+    @staticmethod
+    def _unspooled(items: list[TxItem], spool: StreamSpool) -> Iterator[TxItem]:
+        for item in items:
+            cls = type(item)
+            if cls is TxStreamChanges:
+                spool.add(item)  # type: ignore[arg-type]
+            elif cls is TxStreamCommit:
+                yield from spool.commit(item)  # type: ignore[arg-type]
+            elif cls is TxStreamAbort:
+                spool.abort(item)  # type: ignore[arg-type]
+            else:
+                yield item
 
     def _check_retention(self) -> None:
         retained = self.monitor.retained_bytes()

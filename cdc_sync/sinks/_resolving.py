@@ -42,7 +42,7 @@ from ..changes import UNCHANGED_TOAST, Change, Op, Table, TxBegin
 from ..protocol import ReplicaIdentity
 from ..resolve import Clocks, Decision, Incoming, LocalRow, Resolver, Tombstone
 from . import _sql
-from ._arrays import transpose
+from ._arrays import pack_columns, transpose
 from ._rows import as_dict, key_dict, key_values
 from ._sql import SiteTable, rows_from
 
@@ -113,7 +113,7 @@ def resolved_keys(st: SiteTable, changes: Sequence[Change]) -> list[Key]:
 
 
 @functools.lru_cache(maxsize=256)
-def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool) -> str:
+def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool, packed: bool = False) -> str:
     """Rows of the given keys, locked, with (commit time, origin id, origin name) of their
     writer. With `versions` the key's `cdc_sync.row_versions` entry gives time and office
     when it describes the row version found (same xmin), and one more parameter (the keys as
@@ -126,7 +126,7 @@ def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool) -> str:
     meta: sql.Composable = (sql.SQL("pg_xact_commit_timestamp(t.xmin), "
                     "(pg_xact_commit_timestamp_origin(t.xmin)).roident, NULL::text")
             if with_ts else sql.SQL("NULL::timestamptz, NULL::oid, NULL::text"))
-    rows = rows_from(keys)
+    rows = rows_from(keys, packed)
     if versions and with_ts:
         # Scalar subqueries (an index lookup per row), not a join: on a table without
         # statistics yet the planner hashed all of row_versions for every read.
@@ -136,7 +136,7 @@ def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool) -> str:
             "COALESCE({ts}, pg_xact_commit_timestamp(t.xmin)), "
             "(pg_xact_commit_timestamp_origin(t.xmin)).roident, {origin}").format(
                 ts=rv.format(f=sql.SQL("commit_ts")), origin=rv.format(f=sql.SQL("origin")))
-        rows = rows_from([*keys, sql.Identifier("kj")])
+        rows = rows_from([*keys, sql.Identifier("kj")], packed)
     # FOR UPDATE: a local write that commits between this read and our write must not be
     # overwritten unseen; it waits for us instead and then wins or loses on its own time.
     return sql.SQL(
@@ -153,14 +153,21 @@ def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _statement(kind: str, st: SiteTable, cols: tuple[int, ...]) -> str:
+def _statement(kind: str, st: SiteTable, cols: tuple[int, ...], packed: bool = False) -> str:
     """The text of a write statement of `_sql` for `st` (composed once per table shape)."""
     if kind == "insert_absent":
-        return _sql.insert_absent_sql(st, cols).as_string(None)
+        return _sql.insert_absent_sql(st, cols, packed).as_string(None)
     if kind == "upsert":
-        return _sql.insert_sql(st, cols, True).as_string(None)
+        return _sql.insert_sql(st, cols, True, packed).as_string(None)
     assert kind == "delete", kind
-    return _sql.delete_sql(st).as_string(None)
+    return _sql.delete_sql(st, packed).as_string(None)
+
+
+def _columns_param(columns: list[list[Any]]) -> tuple[list[Any], bool]:
+    """Column parameters packed when every column can be (`_arrays`), else binary arrays;
+    and whether they are packed."""
+    packed = pack_columns(columns)
+    return (list(packed), True) if packed is not None else (list(columns), False)
 
 
 def _tombstones_sql(with_ts: bool) -> str:
@@ -267,10 +274,12 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
             for query, params in first:
                 cur.execute(query, params)
             if versions:
-                cur.execute(_local_rows_sql(st, with_ts, True),
-                            [table.qualified, table.qualified, *transpose(keys), key_json])
+                params, packed = _columns_param([*transpose(keys), key_json])
+                cur.execute(_local_rows_sql(st, with_ts, True, packed),
+                            [table.qualified, table.qualified, *params])
             else:
-                cur.execute(_local_rows_sql(st, with_ts, False), transpose(keys))
+                params, packed = _columns_param(transpose(keys))
+                cur.execute(_local_rows_sql(st, with_ts, False, packed), params)
             tcur.execute(_tombstones_sql(with_ts), (table.qualified, key_json))
             if columns:
                 ccur.execute(_clocks_sql(with_ts), (table.qualified, key_json))
@@ -418,14 +427,16 @@ def _write(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable, state: 
         fresh_curs: list[tuple[psycopg.Cursor[Any], list[tuple[Key, Row]]]] = []
         for cols, group in fresh.items():
             fc = conn.cursor()
-            fc.execute(_statement("insert_absent", st, cols),
-                       [[r[table.columns[i]] for _k, r in group] for i in cols])
+            params, packed = _columns_param(
+                [[r[table.columns[i]] for _k, r in group] for i in cols])
+            fc.execute(_statement("insert_absent", st, cols, packed), params)
             fresh_curs.append((fc, group))
         if deletes:
-            cur.execute(_statement("delete", st, ()), transpose(deletes))
+            params, packed = _columns_param(transpose(deletes))
+            cur.execute(_statement("delete", st, (), packed), params)
         for cols, rows in upserts.items():
-            cur.execute(_statement("upsert", st, cols),
-                        [[r[table.columns[i]] for r in rows] for i in cols])
+            params, packed = _columns_param([[r[table.columns[i]] for r in rows] for i in cols])
+            cur.execute(_statement("upsert", st, cols, packed), params)
         if not fresh_keys:
             _write_bookkeeping(ctx, cur, st, state, conflicts, names, set(), strategy)
             if versions:

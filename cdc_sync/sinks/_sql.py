@@ -217,11 +217,12 @@ def existing_keys_sql(st: SiteTable) -> sql.Composed:
     )
 
 
-def insert_absent_sql(st: SiteTable, columns: Sequence[int]) -> sql.Composed:
+def insert_absent_sql(st: SiteTable, columns: Sequence[int], packed: bool = False
+                      ) -> sql.Composed:
     """INSERT rows whose key is absent (ON CONFLICT DO NOTHING), returning the inserted keys
     as text: a key missing from the result was inserted concurrently by someone else."""
     return sql.SQL("{ins} ON CONFLICT ({k}) DO NOTHING RETURNING {ret}").format(
-        ins=insert_sql(st, columns, False),
+        ins=insert_sql(st, columns, False, packed),
         k=sql.SQL(", ").join(st.col(i) for i in st.key),
         ret=sql.SQL(", ").join(sql.SQL("{}::text").format(st.col(i)) for i in st.key),
     )
