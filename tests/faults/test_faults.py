@@ -248,7 +248,10 @@ def test_memory_stays_bounded_while_a_site_is_down(make_cluster: Callable[..., C
         sampler.join(5)
         assert proc.alive(), proc.stderr()
         peak = max(samples)
-        assert peak - baseline < 40 * 1024, \
+        # Measured growth comes in steps of about 16 MiB (one 20k-row transaction's chunks in
+        # flight): 16, 32 and, rarely, 48 MiB, on the commit before the spool too. 64 MiB is
+        # still well under the 110 MB that buffering for berlin would take.
+        assert peak - baseline < 64 * 1024, \
             f"RSS grew from {baseline // 1024} MiB to {peak // 1024} MiB"
         # the slot keeps what berlin has not applied, for when it is back (a keepalive may
         # have moved it into the first transaction berlin missed, not past it)
