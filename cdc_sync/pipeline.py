@@ -237,7 +237,7 @@ class Pipeline:
         last_keepalive_dispatch = 0.0
         idle_end = dispatched_end = Lsn(0)
         last_data = last_check = time.monotonic()
-        self._spool = StreamSpool() if self.streaming and not self.stream_apply else None
+        self._spool = StreamSpool() if self.streaming and self.stream_spool else None
         try:
             while not self._stop.is_set() and not self._rewind.is_set():
                 reply = False
@@ -322,13 +322,12 @@ class Pipeline:
     @staticmethod
     def _unspooled(items: list[TxItem], spool: StreamSpool) -> Iterator[TxItem]:
         for item in items:
-            cls = type(item)
-            if cls is TxStreamChanges:
-                spool.add(item)  # type: ignore[arg-type]
-            elif cls is TxStreamCommit:
-                yield from spool.commit(item)  # type: ignore[arg-type]
-            elif cls is TxStreamAbort:
-                spool.abort(item)  # type: ignore[arg-type]
+            if isinstance(item, TxStreamChanges):
+                spool.add(item)
+            elif isinstance(item, TxStreamCommit):
+                yield from spool.commit(item)
+            elif isinstance(item, TxStreamAbort):
+                spool.abort(item)
             else:
                 yield item
 

@@ -56,7 +56,6 @@ class SpoolError(CdcSyncError):
 class _Spooled:
     file: IO[bytes]
     chunks: list[tuple[int, int]] = field(default_factory=list)  # (subxid, offset) per chunk
-    changes: int = 0
 
 
 class StreamSpool:
@@ -93,7 +92,6 @@ class StreamSpool:
             f.truncate()
             raise SpoolError(f"cannot spool streamed transaction {item.xid}: {exc}") from None
         spooled.chunks.append((item.subxid, offset))
-        spooled.changes += len(item.changes)
 
     def abort(self, item: TxStreamAbort) -> None:
         spooled = self._open.get(item.xid)
