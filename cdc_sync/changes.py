@@ -311,11 +311,7 @@ class Assembler:
         if begin is None:
             raise ProtocolError(f"{type(msg).__name__} outside a transaction", 0)
         if not self._begun:
-            out.append(
-                TxBegin(begin.xid, begin.final_lsn, pg_timestamp_to_datetime(begin.commit_ts),
-                        self._origin)
-            )
-            self._begun = True
+            out.append(self._announce())
         if isinstance(msg, Commit):
             if self._pending:
                 out.append(self._chunk())
@@ -336,10 +332,12 @@ class Assembler:
         transaction or a block of streamed changes; the same as decoding it and `feed`ing it,
         without the message object in between."""
         top = self._block_xid
-        if top is None and not self._begun:
-            return self.feed(decode_message(data), len(data))
-        xid, tag, oid, action, old, new = decode_row(data, top is not None)
         out: list[TxItem] = []
+        if top is None and not self._begun:
+            if self._begin is None:
+                return self.feed(decode_message(data), len(data))  # the error for it
+            out.append(self._announce())
+        xid, tag, oid, action, old, new = decode_row(data, top is not None)
         if top is not None:
             pos = self._streamed_position(top, xid, out)
         else:
@@ -357,6 +355,14 @@ class Assembler:
         if len(pending) >= self.chunk_size or self._pending_bytes >= self.chunk_bytes:
             out.append(self._stream_chunk() if top is not None else self._chunk())
         return out
+
+    def _announce(self) -> TxBegin:
+        """The open transaction's `TxBegin`, sent before its first change (or its commit)."""
+        begin = self._begin
+        assert begin is not None
+        self._begun = True
+        return TxBegin(begin.xid, begin.final_lsn, pg_timestamp_to_datetime(begin.commit_ts),
+                       self._origin)
 
     def _chunk(self) -> TxChanges:
         chunk = TxChanges(tuple(self._pending))

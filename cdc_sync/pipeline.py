@@ -1,7 +1,9 @@
 """`Pipeline`: source stream → decoder → assembler → one `SiteWorker` per site, with feedback.
 
 Contract:
-- Decode once, fan out: every item goes to every site worker, in stream order.
+- Decode once, fan out: every item goes to every site worker, in stream order, handed over
+  as one `ItemBatch` per read from the source (a backlog of small transactions would otherwise
+  cost three queue hand-overs per transaction and site).
 - The source is told (standby status `flush`) only the minimum position every site has durably
   applied; never anything on receipt. The stream always restarts from the slot's confirmed
   position, and sites skip what they already hold.
@@ -37,6 +39,7 @@ from .changes import (
     Change,
     Table,
     TxBegin,
+    TxChanges,
     TxCommit,
     TxItem,
     TxStreamAbort,
@@ -62,7 +65,7 @@ from .resolve import Resolver, make_resolver
 from .sinks._resolving import origin_name
 from .sinks.listeners import Listener, ListenerThread
 from .sinks.site import SiteOptions
-from .sinks.worker import Keepalive, SiteWorker
+from .sinks.worker import ItemBatch, Keepalive, SiteWorker
 from .source.monitor import HEARTBEAT_PREFIX, SourceMonitor
 from .source.stream import ReplicationStream, SlotBusy, StreamLost
 from .spool import SpoolError, StreamSpool
@@ -77,6 +80,9 @@ SLOT_BUSY_PATIENCE: Final = 30.0
 SLOW_SITE_SECONDS: Final = 10.0
 RETENTION_CHECK_INTERVAL: Final = 30.0
 STREAM_PAUSE: Final = 300.0
+# The outbox is handed to the sinks at the end of each read, or when it holds this much.
+OUTBOX_MAX_ITEMS: Final = 4096
+OUTBOX_MAX_CHANGES: Final = 5000
 _XLOG_DATA: Final = ord("w")
 
 
@@ -112,6 +118,8 @@ class Pipeline:
         # Streamed but held back until commit (see module doc).
         self.stream_spool = settings.source.streaming and not self.stream_apply
         self._spool: StreamSpool | None = None
+        self._outbox: list[TxItem | Keepalive] = []  # items for the sinks, one read's worth
+        self._outbox_changes = 0
         for w in self.workers:
             w.prestream = self.stream_apply
         self._no_stream_until = 0.0
@@ -238,6 +246,7 @@ class Pipeline:
         idle_end = dispatched_end = Lsn(0)
         last_data = last_check = time.monotonic()
         self._spool = StreamSpool() if self.streaming and self.stream_spool else None
+        self._outbox, self._outbox_changes = [], 0
         try:
             while not self._stop.is_set() and not self._rewind.is_set():
                 reply = False
@@ -277,6 +286,7 @@ class Pipeline:
                                           stream)
                     if isinstance(msg, (Commit, StreamCommit)):
                         self.received_lsn = max(self.received_lsn, msg.end_lsn)
+                self._flush_outbox(stream)
                 now = time.monotonic()
                 # Between transactions, everything up to the last keepalive's position has been
                 # handed out: sites with nothing pending may count it as applied. Throttled, but
@@ -286,6 +296,7 @@ class Pipeline:
                     last_keepalive_dispatch = now
                     dispatched_end = idle_end
                     self._dispatch(Keepalive(idle_end), stream)
+                    self._flush_outbox(stream)
                 if reply or now - last_status >= STATUS_INTERVAL:
                     self._send_status(stream)
                     last_status = now
@@ -358,21 +369,52 @@ class Pipeline:
         stream.send_status(self.received_lsn, self.confirmed_lsn, self.confirmed_lsn)
 
     def _dispatch(self, item: TxItem | Keepalive, stream: ReplicationStream) -> None:
-        last_status = time.monotonic()
+        """Queue `item` for the sinks; `_flush_outbox` hands them over once per read from the
+        source, or sooner when they add up (a spooled transaction read back from disk)."""
+        outbox = self._outbox
+        outbox.append(item)
+        if isinstance(item, TxChanges):
+            self._outbox_changes += len(item.changes)
+        if len(outbox) >= OUTBOX_MAX_ITEMS or self._outbox_changes >= OUTBOX_MAX_CHANGES:
+            self._flush_outbox(stream)
+
+    def _flush_outbox(self, stream: ReplicationStream) -> None:
+        """Hand the queued items to every sink: one `ItemBatch` per site worker, item by item
+        to listeners."""
+        items, self._outbox, self._outbox_changes = self._outbox, [], 0
+        if not items:
+            return
+        batch = ItemBatch.of(items) if self.workers else None
         for w in self._sinks():
-            blocked_since = time.monotonic()
-            while not w.put(item, timeout=0.5):
-                if not w.accepting or self._stop.is_set() or self._rewind.is_set():
-                    break
-                if isinstance(w, SiteWorker) and time.monotonic() - blocked_since > SLOW_SITE_SECONDS:
-                    # A slow site must not stall the others: it leaves the stream and
-                    # replays it from the slot (which keeps its backlog) when it is ready.
-                    w.detach()
-                    break
-                # A slow site: keep the source connection alive while we wait for it.
-                if time.monotonic() - last_status >= STATUS_INTERVAL:
-                    self._send_status(stream)
-                    last_status = time.monotonic()
+            if isinstance(w, SiteWorker):
+                assert batch is not None
+                self._deliver(w, batch, stream)
+            else:
+                for item in items:
+                    self._deliver(w, item, stream)
+
+    def _deliver(self, w: SiteWorker | ListenerThread, item: TxItem | Keepalive | ItemBatch,
+                 stream: ReplicationStream) -> None:
+        last_status = blocked_since = time.monotonic()
+        while not self._put(w, item):
+            if not w.accepting or self._stop.is_set() or self._rewind.is_set():
+                break
+            if isinstance(w, SiteWorker) and time.monotonic() - blocked_since > SLOW_SITE_SECONDS:
+                # A slow site must not stall the others: it leaves the stream and
+                # replays it from the slot (which keeps its backlog) when it is ready.
+                w.detach()
+                break
+            # A slow site: keep the source connection alive while we wait for it.
+            if time.monotonic() - last_status >= STATUS_INTERVAL:
+                self._send_status(stream)
+                last_status = time.monotonic()
+
+    @staticmethod
+    def _put(w: SiteWorker | ListenerThread, item: TxItem | Keepalive | ItemBatch) -> bool:
+        if isinstance(w, SiteWorker):
+            return w.put(item, timeout=0.5)
+        assert not isinstance(item, ItemBatch)
+        return w.put(item, timeout=0.5)
 
     def _sinks(self) -> list[SiteWorker | ListenerThread]:
         return [*self.workers, *self.listeners]

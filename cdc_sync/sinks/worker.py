@@ -4,6 +4,8 @@ Contract:
 - The pipeline `put`s every item (`TxBegin`/`TxChanges`/`TxCommit`, `Keepalive`, `Reset`) to
   every worker in stream order. The queue is bounded: a slow site makes `put` wait; a site that
   is down does not accept items at all (they are dropped, the slot keeps them).
+- `put` also takes an `ItemBatch`: the items of one read from the source, handed over as one
+  queue entry and taken one by one, in order, as if put singly.
 - Transactions whose commit LSN is below what the site already holds are skipped, so a
   transaction is applied at most once; because progress is committed with the rows, at least
   once too.
@@ -43,7 +45,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -133,6 +136,20 @@ WorkItem = TxItem | Keepalive | Reset | _Stop
 T = TypeVar("T")
 
 
+@dataclass(frozen=True, slots=True)
+class ItemBatch:
+    """Consecutive stream items queued as one entry (`put_many`): a backlog of small
+    transactions costs one queue hand-over per read from the source, not three per
+    transaction. `changes` is the number of row changes the items carry."""
+
+    items: tuple[WorkItem, ...]
+    changes: int
+
+    @classmethod
+    def of(cls, items: Sequence[WorkItem]) -> ItemBatch:
+        return cls(tuple(items), sum(_changes_in(i) for i in items))
+
+
 class SiteWorker(threading.Thread):
     """Applies the stream to one site (see the module docstring)."""
 
@@ -168,7 +185,8 @@ class SiteWorker(threading.Thread):
         self.dead_letters = 0
         self.conflicts = 0
         self.lock_retries = 0  # target transactions retried after a deadlock or lock timeout
-        self.queue: queue.Queue[WorkItem] = queue.Queue(maxsize=queue_items)
+        self.queue: queue.Queue[WorkItem | ItemBatch] = queue.Queue(maxsize=queue_items)
+        self._local: deque[WorkItem] = deque()  # the rest of the batch being taken
         self.queue_changes = queue_changes
         self._queued_changes = 0  # row changes in the queue (`put` waits above queue_changes)
         self._room = threading.Condition()
@@ -196,12 +214,13 @@ class SiteWorker(threading.Thread):
     def accepting(self) -> bool:
         return self._accepting
 
-    def put(self, item: WorkItem, timeout: float | None = None) -> bool:
-        """Queue `item`; False if the site is not accepting or the queue stayed full."""
+    def put(self, item: WorkItem | ItemBatch, timeout: float | None = None) -> bool:
+        """Queue `item` (or a batch of items, in order); False if the site is not accepting or
+        the queue stayed full."""
         if not self._accepting:
             self._missed = True
             return False
-        n = _changes_in(item)
+        n = item.changes if type(item) is ItemBatch else _changes_in(item)
         if n:
             with self._room:
                 if not self._room.wait_for(
@@ -224,12 +243,21 @@ class SiteWorker(threading.Thread):
                 self._room.notify_all()
 
     def _get(self, timeout: float | None) -> WorkItem:
+        local = self._local
+        if local:
+            return local.popleft()
         item = self.queue.get(timeout=timeout)
+        if type(item) is ItemBatch:
+            self._taken(item.changes)
+            local.extend(item.items)
+            return local.popleft()
+        assert not isinstance(item, ItemBatch)
         self._taken(_changes_in(item))
         return item
 
     def idle(self) -> bool:
-        return self.queue.empty()
+        """Nothing queued for this worker (nor left of a batch it took)."""
+        return not self._local and self.queue.empty()
 
     @property
     def open_streams(self) -> int:
@@ -247,7 +275,9 @@ class SiteWorker(threading.Thread):
         """The stream restarts: drop every queued item of the old stream and queue a Reset.
 
         Never refused (unlike `put`): a worker holding part of a transaction of the old stream
-        must learn the stream restarted, or it would apply the replay on top of it.
+        must learn the stream restarted, or it would apply the replay on top of it. (What is
+        left of a batch the worker already took is applied first, as items it had already
+        taken would be: they are the old stream's next items, in order.)
         """
         with self.queue.mutex:
             self.queue.queue.clear()
@@ -617,7 +647,7 @@ class SiteWorker(threading.Thread):
                 pending = (item.end_lsn, item.commit_ts)
                 if (
                     not self.group_transactions
-                    or self.queue.empty()
+                    or self.idle()
                     or target_changes + buffered >= self.group_max_changes
                     or time.monotonic() - target_started >= self.group_max_seconds
                 ):
@@ -646,7 +676,7 @@ class SiteWorker(threading.Thread):
                     # a mesh, two in three), no transaction is on its way to join the open
                     # group, so it commits now, not at group_max_seconds.
                     pending_keepalive = item.wal_end
-                    if (self.queue.empty() or target_changes + buffered >= self.group_max_changes
+                    if (self.idle() or target_changes + buffered >= self.group_max_changes
                             or time.monotonic() - target_started >= self.group_max_seconds):
                         commit_target()
                 elif self.durable_lsn is not None and item.wal_end > self.durable_lsn:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from cdc_sync.changes import Change, Op, Table, TxBegin, TxChanges, TxCommit
 from cdc_sync.protocol import Lsn, ReplicaIdentity
 from cdc_sync.sinks.schema import migrate_site
-from cdc_sync.sinks.worker import Keepalive, SiteWorker, WorkItem
+from cdc_sync.sinks.worker import ItemBatch, Keepalive, SiteWorker, WorkItem
 
 from .conftest import Env
 from .helpers import execute, scalar, wait_for
@@ -85,6 +85,41 @@ def test_keepalives_between_queued_transactions_do_not_split_the_group(env: Env)
         assert scalar(site, "SELECT count(DISTINCT xmin::text) FROM t") == 1, \
             "a keepalive with more queued behind it split the group"
         wait_for(lambda: worker.durable_lsn == Lsn(0x3800), 20, "the last keepalive to count")
+    finally:
+        worker.stop()
+        worker.join(30)
+
+
+def test_a_batch_is_taken_item_by_item_in_order_and_grouped(env: Env) -> None:
+    """`put(ItemBatch)`: the items of one read from the source as one queue entry. The worker
+    takes them in order, counts the rest of the batch as queued (so the three transactions
+    below share one target transaction, one xmin) and frees the batch's room at once."""
+    site = env.sites[0]
+    migrate_site(site)
+    execute(site, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    worker = SiteWorker("a", site, "hq", group_max_seconds=60.0, queue_changes=2)
+    worker.start()
+    try:
+        assert worker.ready.wait(30)
+        now = datetime.now(UTC)
+        items: list[WorkItem] = []
+        for n in range(3):
+            base = 0x1000 * (n + 1)
+            items += [TxBegin(700 + n, Lsn(base), now, None),
+                      TxChanges((Change(Op.INSERT, 0, T, (str(n), "x")),
+                                 Change(Op.UPDATE, 1, T, (str(n), f"v{n}")))),
+                      TxCommit(Lsn(base), Lsn(base + 8), now)]
+        items.append(Keepalive(Lsn(0x9000)))
+        batch = ItemBatch.of(items)
+        assert batch.changes == 6
+        # more changes than queue_changes: an empty queue still takes it whole
+        assert worker.put(batch, timeout=5)
+        wait_for(lambda: worker.durable_lsn == Lsn(0x9000), 20, "the batch to be applied")
+        assert scalar(site, "SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t") \
+            == "0=v0,1=v1,2=v2"
+        assert scalar(site, "SELECT count(DISTINCT xmin::text) FROM t") == 1
+        assert worker.idle()
+        assert worker.put(ItemBatch.of([TxBegin(800, Lsn(0xA000), now, None)]), timeout=5)
     finally:
         worker.stop()
         worker.join(30)
