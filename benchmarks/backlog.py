@@ -15,6 +15,11 @@ cluster, one at a time:
   ``ENABLE``. For cdc-sync the timing starts when ``cdc-sync run`` is spawned (its start-up is
   part of draining).
 
+And the floor under all of them: ``pg_recvlogical`` reading the same kind of backlog from a
+pgoutput slot of the same publication into ``/dev/null`` (``--endpos`` at the marker), which
+is the WAL sender's decoding plus a client that does nothing. No pgoutput consumer drains
+faster than that; the notes give it as a rate too.
+
 Before each repetition every system is attached once (slot advanced past other systems'
 backlogs, a warm-up marker applied) and detached again, as in the other scenarios. The table
 shows drain seconds (lower is better): cdc-sync = source_wins; the ratio target ≤ 0.667 is
@@ -25,9 +30,13 @@ shows drain seconds (lower is better): cdc-sync = source_wins; the ratio target 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from benchmarks import _pgbench
@@ -58,6 +67,7 @@ TABLES = (*_pgbench.TABLES, "public.bench_marker")
 LWW_MIN = 0.5  # lww rate >= 0.5 x source_wins'
 NATIVE_MIN = 1.5  # source_wins rate >= 1.5 x native's
 
+FLOOR_SLOT = "decode_f"
 SOURCE_DB = "bench_f"
 NATIVE_DB = "native_f1"
 SOURCE_WINS_DB = "cdc_f1"
@@ -86,6 +96,9 @@ def _setup(harness: Harness) -> tuple[NativeReplication, CdcSync, CdcSync]:
     for cdc in (source_wins, lww):
         log(f"  cdc-sync init ({cdc.name})")
         cdc.init()
+    harness.source.execute(  # the decoding floor's slot (publication: cdc_fs's, same tables)
+        f"SELECT pg_create_logical_replication_slot('{FLOOR_SLOT}', 'pgoutput')",
+        dbname=SOURCE_DB)
     return native, source_wins, lww
 
 
@@ -103,6 +116,43 @@ def _start_cdc(cdc: CdcSync) -> Callable[[], None]:
 def _start_native(native: NativeReplication) -> Callable[[], None]:
     native._alter("ENABLE")
     return lambda: None
+
+
+def _recvlogical(harness: Harness) -> str:
+    for candidate in (harness.source.binaries.program("pg_recvlogical"),
+                      Path("/usr/lib/postgresql/15/bin/pg_recvlogical")):
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("pg_recvlogical")
+    if found is None:
+        raise BenchError("pg_recvlogical not found next to the server or on PATH")
+    return found
+
+
+def _floor_run(harness: Harness, transactions: int) -> dict[str, Any]:
+    """The decoding floor: ``pg_recvlogical`` draining a fresh backlog to ``/dev/null``."""
+    harness.quiesce(SOURCE_DB, [])
+    harness.advance_slot(SOURCE_DB, FLOOR_SLOT)
+    harness.pgbench(SOURCE_DB, "-n", "-c", str(CLIENTS), "-t", str(transactions),
+                    timeout=DRAIN_TIMEOUT)
+    with connect(harness.source.dsn(SOURCE_DB)) as source:
+        emit_marker(source)
+        row = source.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        assert row is not None
+    harness.source.execute("CHECKPOINT")
+    src = harness.source
+    cmd = [_recvlogical(harness), "-h", src.host, "-p", str(src.port), "-U", "postgres",
+           "-d", SOURCE_DB, "--slot", FLOOR_SLOT, "--start", "--no-loop", "-E", row[0],
+           "-o", "proto_version=1", "-o", "publication_names=cdc_fs", "-f", "/dev/null"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    began = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DRAIN_TIMEOUT, env=env,
+                          check=False)
+    seconds = time.monotonic() - began
+    if proc.returncode != 0:
+        raise BenchError(f"pg_recvlogical failed: {proc.stderr.strip()[-300:]}")
+    changes = CLIENTS * transactions * CHANGES_PER_TX
+    return {"seconds": seconds, "changes": changes, "rate": changes / seconds}
 
 
 def _one_run(harness: Harness, system: Replicator, start: Callable[[], Callable[[], None]],
@@ -150,6 +200,7 @@ def run(harness: Harness, repetitions: int, transactions: int) -> Measurement:
         "source_wins": lambda: _one_run(harness, source_wins,
                                         lambda: _start_cdc(source_wins), transactions),
         "lww": lambda: _one_run(harness, lww, lambda: _start_cdc(lww), transactions),
+        "floor": lambda: _floor_run(harness, transactions),
     })
     rates = {label: statistics.median(r["rate"] for r in rs) for label, rs in runs.items()}
     lww_ratio = rates["lww"] / rates["source_wins"]
@@ -169,7 +220,9 @@ def run(harness: Harness, repetitions: int, transactions: int) -> Measurement:
         f"{rates['source_wins']:.0f}, lww {rates['lww']:.0f}, native {rates['native']:.0f}; "
         f"lww/source_wins {lww_ratio:.2f} (target ≥ {LWW_MIN:g}: "
         f"{verdict[lww_ratio >= LWW_MIN]}), source_wins/native {native_ratio:.2f} "
-        f"(target ≥ {NATIVE_MIN:g}: {verdict[native_ratio >= NATIVE_MIN]})")
+        f"(target ≥ {NATIVE_MIN:g}: {verdict[native_ratio >= NATIVE_MIN]}); decoding floor "
+        f"(pg_recvlogical to /dev/null) {rates['floor']:.0f}, i.e. {rates['floor'] / rates['native']:.2f} "
+        f"× native's rate")
     return Measurement(cdc_sync=[r["seconds"] for r in runs["source_wins"]],
                        native=[r["seconds"] for r in runs["native"]], details=details)
 
