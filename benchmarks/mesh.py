@@ -44,6 +44,7 @@ KEYS = 1000
 # (to find the rate this machine sustains)
 RATE = int(os.environ.get("CDC_SYNC_MESH_RATE", "2000"))
 TARGET_RATE = 2000
+PROBES_PER_RUN = 1_000_000  # repetition r numbers its probes from r * PROBES_PER_RUN + 1
 DURATION = int(os.environ.get("CDC_SYNC_MESH_SECONDS", "20"))
 CLIENTS = 2
 LAG_P99_MAX_MS = 1000.0
@@ -101,9 +102,10 @@ class Office:
 class Prober(threading.Thread):
     """Inserts (office, n) into `probe` every PROBE_INTERVAL seconds until stopped."""
 
-    def __init__(self, office: Office) -> None:
+    def __init__(self, office: Office, first: int = 1) -> None:
         super().__init__(name=f"probe-{office.name}", daemon=True)
         self.office = office
+        self.first = first  # numbers start here: each repetition's probes are its own
         self.count = 0
         self.error: BaseException | None = None
         self.halt = threading.Event()
@@ -115,7 +117,7 @@ class Prober(threading.Thread):
                 while not self.halt.is_set():
                     self.count += 1
                     conn.execute("INSERT INTO probe (office, n) VALUES (%s, %s)",
-                                 (self.office.name, self.count))
+                                 (self.office.name, self.first + self.count - 1))
                     due += PROBE_INTERVAL
                     self.halt.wait(max(0.0, due - time.monotonic()))
         except BaseException as exc:  # reported by the run
@@ -169,7 +171,8 @@ def _one_run(harness: Harness, offices: list[Office], run_no: int) -> dict[str, 
                                          dbname=DB)
                 return bool(rows and rows[0][0])
             wait_for(streaming, timeout=120, what=f"cdc-sync run ({o.name}) to stream")
-        probers = [Prober(o) for o in offices]
+        first = run_no * PROBES_PER_RUN + 1
+        probers = [Prober(o, first) for o in offices]
         scripts = []
         for o in offices:
             path = harness.workdir / f"mesh_{o.name}.sql"
@@ -211,8 +214,8 @@ def _one_run(harness: Harness, offices: list[Office], run_no: int) -> dict[str, 
                     for other, n in counts.items():
                         if other == o.name:
                             continue
-                        row = conn.execute("SELECT count(*) FROM probe WHERE office = %s",
-                                           (other,)).fetchone()
+                        row = conn.execute("SELECT count(*) FROM probe WHERE office = %s "
+                                           "AND n >= %s", (other, first)).fetchone()
                         if row is None or row[0] < n:
                             return False
             return True
@@ -224,7 +227,7 @@ def _one_run(harness: Harness, offices: list[Office], run_no: int) -> dict[str, 
             with connect(o.dsn) as conn:
                 lags += [float(ms) for (ms,) in conn.execute(
                     "SELECT extract(epoch FROM dst_ts - src_ts) * 1000 FROM probe "
-                    "WHERE office <> %s", (o.name,))]
+                    "WHERE office <> %s AND n >= %s", (o.name, first))]
         # Identical? Give in-flight grants changes (behind the last probe) a moment.
         identical = False
         deadline = time.monotonic() + 60
