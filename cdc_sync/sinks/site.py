@@ -141,6 +141,31 @@ def _raise_transient(outcomes: Sequence[Outcome]) -> None:
             raise o.error
 
 
+def _per_table_runs(changes: Sequence[Change]) -> list[Run]:
+    """One `Run` per table per stretch between truncates, each table's changes in order (the
+    resolving path's runs under `session_replication_role = replica`, `_merge_resolving`)."""
+    out: list[Run] = []
+    groups: dict[int, tuple[Table, list[Change]]] = {}
+
+    def close() -> None:
+        out.extend(Run(Op.UPDATE, t, tuple(chs), ()) for t, chs in groups.values())
+        groups.clear()
+
+    for ch in changes:
+        table = ch.table
+        if table is None or ch.op is Op.TRUNCATE:
+            close()
+            out.append(Run(ch.op, table, (ch,)))
+            continue
+        group = groups.get(table.oid)
+        if group is None:
+            groups[table.oid] = (table, [ch])
+        else:
+            group[1].append(ch)
+    close()
+    return out
+
+
 class SiteWriter:
     """One site connection and the cache of its table descriptions (see module docstring)."""
 
@@ -348,6 +373,7 @@ class SiteWriter:
         if len(segments) > 1 and self._replica_role:
             changes = by_table(changes)
         only = one_table(changes)
+        st0: SiteTable | None = None
         if only is not None:
             # One table, row changes only (the rule for big transactions): one lookup and no
             # per-change loop.
@@ -365,6 +391,8 @@ class SiteWriter:
         # Runs of changes to one table are the rule: look the table up once per run of it.
         last_table: Table | None = None
         take = False
+        resolving_only = self._replica_role and (
+            not whole or (st0 is not None and self._resolver(st0) is not None))
         for ch in changes:
             op = ch.op
             if op is Op.MESSAGE:
@@ -386,12 +414,19 @@ class SiteWriter:
                 take = st is not None
                 if st is not None:
                     self._plan_table(st, keys, compact)
+                    resolving_only = resolving_only and self._resolver(st) is not None
             if take:
                 wanted.append(ch)
-        runs = list(plan_runs(whole or wanted, keys, compact=compact))
-        fast = self._fast_statements(runs)
-        if fast is None:
-            runs = self._merge_resolving(runs)
+        if resolving_only and (whole or wanted):
+            # Every table on the resolving path: what `_merge_resolving(plan_runs(...))` gives,
+            # without planning runs only to merge them again.
+            runs = _per_table_runs(whole or wanted)
+            fast = None
+        else:
+            runs = list(plan_runs(whole or wanted, keys, compact=compact))
+            fast = self._fast_statements(runs)
+            if fast is None:
+                runs = self._merge_resolving(runs)
         if (fast is not None and not rejected and len(segments) <= 1
                 and self.opts.outbox is None
                 and sum(len(run.changes) for run in runs) >= self.ahead_min_changes):
