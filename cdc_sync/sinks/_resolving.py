@@ -177,7 +177,7 @@ def _tombstones_sql(with_ts: bool) -> str:
     when = ("COALESCE(CASE WHEN source IS NULL THEN pg_xact_commit_timestamp(xmin) END, "
             "deleted_at)" if with_ts else "deleted_at")
     return (f"SELECT key, {when}, version, source, row_values "  # noqa: S608
-            "FROM cdc_sync.tombstones WHERE table_name = %s AND key = ANY(%s::text[]::jsonb[])")
+            "FROM cdc_sync.tombstones WHERE table_name = %s AND key = ANY(%b::text[]::jsonb[])")
 
 
 def _clocks_sql(with_ts: bool) -> str:
@@ -189,12 +189,12 @@ def _clocks_sql(with_ts: bool) -> str:
     return ("SELECT cv.key, (SELECT jsonb_object_agg(e.key, CASE WHEN e.value ? 'x' THEN "  # noqa: S608
             f"jsonb_build_array({local}, '') ELSE jsonb_build_array(e.value->'t', e.value->'o') "
             "END) FROM jsonb_each(cv.clocks) AS e) FROM cdc_sync.column_versions AS cv "
-            "WHERE cv.table_name = %s AND cv.key = ANY(%s::text[]::jsonb[])")
+            "WHERE cv.table_name = %s AND cv.key = ANY(%b::text[]::jsonb[])")
 
 
 _CLOCKS_UPSERT = (
     "INSERT INTO cdc_sync.column_versions (table_name, key, clocks) "
-    "SELECT %s, k::jsonb, c::jsonb FROM unnest(%s::text[], %s::text[]) AS u(k, c) "
+    "SELECT %s, k::jsonb, c::jsonb FROM unnest(%b::text[], %b::text[]) AS u(k, c) "
     "ON CONFLICT (table_name, key) DO UPDATE "
     "SET clocks = cdc_sync.column_versions.clocks || EXCLUDED.clocks")
 
@@ -209,18 +209,18 @@ def _clocks(raw: Any) -> Clocks:
 
 _TOMBSTONE_UPSERT = (
     "INSERT INTO cdc_sync.tombstones (table_name, key, deleted_at, version, source, lsn, "
-    "row_values) SELECT %s, k::jsonb, d, v, s, l::pg_lsn, r::jsonb FROM unnest(%s::text[], "
-    "%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[]) AS u(k, d, v, s, l, r) "
+    "row_values) SELECT %s, k::jsonb, d, v, s, l::pg_lsn, r::jsonb FROM unnest(%b::text[], "
+    "%b::timestamptz[], %b::text[], %b::text[], %b::text[], %b::text[]) AS u(k, d, v, s, l, r) "
     "ON CONFLICT (table_name, key) DO UPDATE SET deleted_at = EXCLUDED.deleted_at, "
     "version = EXCLUDED.version, source = EXCLUDED.source, lsn = EXCLUDED.lsn, "
     "row_values = EXCLUDED.row_values")
 _TOMBSTONE_DELETE = ("DELETE FROM cdc_sync.tombstones WHERE table_name = %s "
-                     "AND key = ANY(%s::text[]::jsonb[])")
+                     "AND key = ANY(%b::text[]::jsonb[])")
 _CONFLICTS_INSERT = (
     "INSERT INTO cdc_sync.conflicts (source, table_name, kind, key, local_row, incoming_row, "
     "strategy, outcome, lsn, commit_ts) "
     "SELECT %s, %s, k, j::jsonb, lr::jsonb, ir::jsonb, %s, o, l::pg_lsn, c FROM unnest("
-    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]) "
+    "%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::timestamptz[]) "
     "WITH ORDINALITY AS u(k, j, lr, ir, o, l, c, n) ORDER BY n")
 
 
@@ -482,7 +482,7 @@ def _versions_sql(st: SiteTable) -> str:
 
 
 _VERSIONS_DELETE = ("DELETE FROM cdc_sync.row_versions WHERE table_name = %s "
-                    "AND key = ANY(%s::text[]::jsonb[])")
+                    "AND key = ANY(%b::text[]::jsonb[])")
 
 
 def _write_versions(cur: psycopg.Cursor[Any], st: SiteTable, state: _State,

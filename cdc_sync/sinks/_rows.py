@@ -34,11 +34,16 @@ def key_values(change: Change, key: tuple[int, ...]) -> TupleData:
     else:
         src = change.new
     assert src is not None
-    return tuple(src[i] for i in key)
+    if len(key) == 1:  # the rule; a generator costs more than the lookup itself
+        return (src[key[0]],)
+    return tuple([src[i] for i in key])
 
 
 def key_dict(table: Table, key: tuple[int, ...], values: TupleData) -> dict[str, Any]:
-    return {table.columns[i]: v for i, v in zip(key, values, strict=True)}
+    columns = table.columns
+    if len(key) == 1 and len(values) == 1:
+        return {columns[key[0]]: values[0]}
+    return dict(zip([columns[i] for i in key], values, strict=True))
 
 
 def describe_change(change: Change, key: tuple[int, ...]) -> dict[str, Any]:
