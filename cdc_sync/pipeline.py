@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Final
 
 from .backoff import backoff_delay
@@ -384,19 +385,19 @@ class Pipeline:
         items, self._outbox, self._outbox_changes = self._outbox, [], 0
         if not items:
             return
-        batch = ItemBatch.of(items) if self.workers else None
-        for w in self._sinks():
-            if isinstance(w, SiteWorker):
-                assert batch is not None
-                self._deliver(w, batch, stream)
-            else:
-                for item in items:
-                    self._deliver(w, item, stream)
+        batch = ItemBatch.of(items)
+        for w in self.workers:
+            self._deliver(w, partial(w.put, batch, timeout=0.5), stream)
+        for listener in self.listeners:
+            for item in items:
+                self._deliver(listener, partial(listener.put, item, timeout=0.5), stream)
 
-    def _deliver(self, w: SiteWorker | ListenerThread, item: TxItem | Keepalive | ItemBatch,
+    def _deliver(self, w: SiteWorker | ListenerThread, put: Callable[[], bool],
                  stream: ReplicationStream) -> None:
+        """`put()` until it takes the item, the sink stops accepting or, for a site, the
+        site is too slow (it is detached)."""
         last_status = blocked_since = time.monotonic()
-        while not self._put(w, item):
+        while not put():
             if not w.accepting or self._stop.is_set() or self._rewind.is_set():
                 break
             if isinstance(w, SiteWorker) and time.monotonic() - blocked_since > SLOW_SITE_SECONDS:
@@ -408,13 +409,6 @@ class Pipeline:
             if time.monotonic() - last_status >= STATUS_INTERVAL:
                 self._send_status(stream)
                 last_status = time.monotonic()
-
-    @staticmethod
-    def _put(w: SiteWorker | ListenerThread, item: TxItem | Keepalive | ItemBatch) -> bool:
-        if isinstance(w, SiteWorker):
-            return w.put(item, timeout=0.5)
-        assert not isinstance(item, ItemBatch)
-        return w.put(item, timeout=0.5)
 
     def _sinks(self) -> list[SiteWorker | ListenerThread]:
         return [*self.workers, *self.listeners]

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
@@ -143,27 +144,20 @@ def _raise_transient(outcomes: Sequence[Outcome]) -> None:
 
 def _per_table_runs(changes: Sequence[Change]) -> list[Run]:
     """One `Run` per table per stretch between truncates, each table's changes in order (the
-    resolving path's runs under `session_replication_role = replica`, `_merge_resolving`)."""
+    resolving path's runs under `session_replication_role = replica`, `_merge_resolving`):
+    `by_table`'s grouping, cut where the table changes."""
     out: list[Run] = []
-    groups: dict[int, tuple[Table, list[Change]]] = {}
-
-    def close() -> None:
-        out.extend(Run(Op.UPDATE, t, tuple(chs), ()) for t, chs in groups.values())
-        groups.clear()
-
-    for ch in changes:
-        table = ch.table
-        if table is None or ch.op is Op.TRUNCATE:
-            close()
-            out.append(Run(ch.op, table, (ch,)))
-            continue
-        group = groups.get(table.oid)
-        if group is None:
-            groups[table.oid] = (table, [ch])
+    for oid, group in groupby(by_table(changes), key=_table_oid):
+        chs = tuple(group)
+        if oid is None:  # truncates stay barriers, one run each
+            out.extend(Run(ch.op, None, (ch,)) for ch in chs)
         else:
-            group[1].append(ch)
-    close()
+            out.append(Run(Op.UPDATE, chs[0].table, chs, ()))
     return out
+
+
+def _table_oid(ch: Change) -> int | None:
+    return ch.table.oid if ch.table is not None else None
 
 
 class SiteWriter:

@@ -138,7 +138,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class ItemBatch:
-    """Consecutive stream items queued as one entry (`put_many`): a backlog of small
+    """Consecutive stream items queued as one entry (`SiteWorker.put`): a backlog of small
     transactions costs one queue hand-over per read from the source, not three per
     transaction. `changes` is the number of row changes the items carry."""
 
@@ -220,7 +220,7 @@ class SiteWorker(threading.Thread):
         if not self._accepting:
             self._missed = True
             return False
-        n = item.changes if type(item) is ItemBatch else _changes_in(item)
+        n = item.changes if isinstance(item, ItemBatch) else _changes_in(item)
         if n:
             with self._room:
                 if not self._room.wait_for(
@@ -247,11 +247,10 @@ class SiteWorker(threading.Thread):
         if local:
             return local.popleft()
         item = self.queue.get(timeout=timeout)
-        if type(item) is ItemBatch:
+        if isinstance(item, ItemBatch):
             self._taken(item.changes)
             local.extend(item.items)
             return local.popleft()
-        assert not isinstance(item, ItemBatch)
         self._taken(_changes_in(item))
         return item
 

@@ -9,6 +9,7 @@ keepalive was queued behind the commit, adding 0.5 s to the last transaction of 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from cdc_sync.changes import Change, Op, Table, TxBegin, TxChanges, TxCommit
@@ -29,6 +30,20 @@ def _queue_at_once(worker: SiteWorker, items: list[WorkItem]) -> None:
         q.queue.extend(items)
         q.unfinished_tasks += len(items)
         q.not_empty.notify()
+
+
+def _transactions(now: datetime, changes: Callable[[int], tuple[Change, ...]], *,
+                  keepalives: bool = False) -> list[WorkItem]:
+    """Three one-chunk transactions n = 0, 1, 2 (commit LSN 0x1000 * (n + 1)), each with
+    `changes(n)`, and with `keepalives` each followed by a keepalive 0x800 further."""
+    items: list[WorkItem] = []
+    for n in range(3):
+        base = 0x1000 * (n + 1)
+        items += [TxBegin(700 + n, Lsn(base), now, None), TxChanges(changes(n)),
+                  TxCommit(Lsn(base), Lsn(base + 8), now)]
+        if keepalives:
+            items.append(Keepalive(Lsn(base + 0x800)))
+    return items
 
 
 def test_a_keepalive_behind_a_commit_commits_the_group_at_once(env: Env) -> None:
@@ -72,13 +87,8 @@ def test_keepalives_between_queued_transactions_do_not_split_the_group(env: Env)
     try:
         assert worker.ready.wait(30)
         now = datetime.now(UTC)
-        items: list[WorkItem] = []
-        for n in range(3):
-            base = 0x1000 * (n + 1)
-            items += [TxBegin(700 + n, Lsn(base), now, None),
-                      TxChanges((Change(Op.INSERT, 0, T, (str(n), "x")),)),
-                      TxCommit(Lsn(base), Lsn(base + 8), now),
-                      Keepalive(Lsn(base + 0x800))]
+        items = _transactions(now, lambda n: (Change(Op.INSERT, 0, T, (str(n), "x")),),
+                              keepalives=True)
         _queue_at_once(worker, items)
         wait_for(lambda: scalar(site, "SELECT count(*) FROM t") == 3, 20,
                  "the grouped transactions to commit")
@@ -102,13 +112,8 @@ def test_a_batch_is_taken_item_by_item_in_order_and_grouped(env: Env) -> None:
     try:
         assert worker.ready.wait(30)
         now = datetime.now(UTC)
-        items: list[WorkItem] = []
-        for n in range(3):
-            base = 0x1000 * (n + 1)
-            items += [TxBegin(700 + n, Lsn(base), now, None),
-                      TxChanges((Change(Op.INSERT, 0, T, (str(n), "x")),
-                                 Change(Op.UPDATE, 1, T, (str(n), f"v{n}")))),
-                      TxCommit(Lsn(base), Lsn(base + 8), now)]
+        items = _transactions(now, lambda n: (Change(Op.INSERT, 0, T, (str(n), "x")),
+                                              Change(Op.UPDATE, 1, T, (str(n), f"v{n}"))))
         items.append(Keepalive(Lsn(0x9000)))
         batch = ItemBatch.of(items)
         assert batch.changes == 6
