@@ -1,7 +1,9 @@
 """The data the applier hands to a `Resolver` and the `Decision` it gets back.
 
-All values are PostgreSQL text forms (`str`) or `None` for NULL. Every class is a frozen,
-slotted dataclass; nothing here does I/O.
+All values are PostgreSQL text forms (`str`) or `None` for NULL. Every class is a slotted
+dataclass, read-only by contract: a resolver or merge function must not assign to one it is
+given (they are not `frozen`: a frozen dataclass's `__init__` costs five times as much, and the
+applier builds several per change). Nothing here does I/O.
 
 - `LocalRow`: the site's current row for the change's key, the commit timestamp of the
   transaction that last wrote it (`pg_xact_commit_timestamp(xmin)`, None if unknown) and the
@@ -88,7 +90,7 @@ OUTCOMES: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LocalRow:
     """The site's current row for a key (text values), who wrote it last and when."""
 
@@ -98,7 +100,7 @@ class LocalRow:
     clocks: Clocks | None = None  # per-column merge: who set each column, when
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Incoming:
     """One source row change as the resolver sees it (insert, update or delete)."""
 
@@ -121,7 +123,7 @@ class Incoming:
         return self.old_is_full if self.identity_full is None else self.identity_full
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Tombstone:
     """A row with this key was deleted: when, by whom, and the deleted row's version."""
 
@@ -132,7 +134,7 @@ class Tombstone:
     clocks: Clocks | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """What the applier does for one change; see the module docstring."""
 

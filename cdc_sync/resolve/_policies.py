@@ -364,7 +364,7 @@ class PolicyResolver:
             for column, value in old.items():
                 row.setdefault(column, value)
         complete = all(column in row for column in incoming.unchanged)
-        if local is not None:
+        if local is not None and not local.values.keys() <= row.keys():
             for column, value in local.values.items():
                 row.setdefault(column, value)
         return row, complete

@@ -22,9 +22,9 @@ Contract:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal
+from typing import NamedTuple
 
 __all__ = ["Version", "add_delta", "delete_version", "parse_version", "timestamp_version"]
 
@@ -37,12 +37,12 @@ POS_INFINITY_RANK = 5
 NAN_RANK = 6
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Version:
-    """A comparable version: `rank` orders the kinds, `value` orders within a kind.
+class Version(NamedTuple):
+    """A comparable version: `rank` orders the kinds, `value` orders within a kind (a named
+    tuple: compared in C, which matters as every change compares a few).
 
-    Within one rank `value` always has one type (`Decimal`, an aware UTC `datetime` or `str`),
-    so the generated ordering never compares across types.
+    Within one rank `value` always has one type (`Decimal`, an aware `datetime` or `str`), so
+    the ordering never compares across types.
     """
 
     rank: int
@@ -93,7 +93,8 @@ def timestamp_version(value: datetime | None) -> Version:
         return NULL_VERSION
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return Version(TIMESTAMP_RANK, value.astimezone(UTC))
+    # Aware datetimes compare (and hash) by instant whatever their zone: no conversion needed.
+    return Version(TIMESTAMP_RANK, value)
 
 
 def delete_version(deleted: str | None, commit_ts: datetime | None) -> Version:

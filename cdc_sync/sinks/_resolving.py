@@ -115,9 +115,10 @@ def resolved_keys(st: SiteTable, changes: Sequence[Change]) -> list[Key]:
 @functools.lru_cache(maxsize=256)
 def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool, packed: bool = False) -> str:
     """Rows of the given keys, locked, with (commit time, origin id, origin name) of their
-    writer. With `versions` the key's `cdc_sync.row_versions` entry gives time and office
-    when it describes the row version found (same xmin), and one more parameter (the keys as
-    JSON text) follows the key columns, and the table name comes twice before them."""
+    writer. With `versions` the key's `cdc_sync.row_versions` entry, when it describes the row
+    version found (same xmin), comes as a last column `[time, office]` (else NULL), one more
+    parameter (the keys as JSON text) follows the key columns, and the table name comes before
+    them."""
     keys = [sql.Identifier(f"k{j}") for j in range(len(st.key))]
     cols = sql.SQL(", ").join(sql.SQL("t.{}::text").format(st.col(i))
                               for i in range(len(st.table.columns)))
@@ -128,14 +129,13 @@ def _local_rows_sql(st: SiteTable, with_ts: bool, versions: bool, packed: bool =
             if with_ts else sql.SQL("NULL::timestamptz, NULL::oid, NULL::text"))
     rows = rows_from(keys, packed)
     if versions and with_ts:
-        # Scalar subqueries (an index lookup per row), not a join: on a table without
-        # statistics yet the planner hashed all of row_versions for every read.
-        rv = sql.SQL("(SELECT rv.{f} FROM cdc_sync.row_versions AS rv WHERE rv.table_name = "
-                     "%s AND rv.key = v.kj::jsonb AND rv.xid = t.xmin::text::bigint)")
+        # A scalar subquery (one index lookup per row), not a join: on a table without
+        # statistics yet the planner hashed all of row_versions for every read. Time and
+        # office come back together as a JSON array (one lookup, not two).
         meta = sql.SQL(
-            "COALESCE({ts}, pg_xact_commit_timestamp(t.xmin)), "
-            "(pg_xact_commit_timestamp_origin(t.xmin)).roident, {origin}").format(
-                ts=rv.format(f=sql.SQL("commit_ts")), origin=rv.format(f=sql.SQL("origin")))
+            "pg_xact_commit_timestamp(t.xmin), (pg_xact_commit_timestamp_origin(t.xmin)).roident, "
+            "(SELECT jsonb_build_array(rv.commit_ts, rv.origin) FROM cdc_sync.row_versions AS rv "
+            "WHERE rv.table_name = %s AND rv.key = v.kj::jsonb AND rv.xid = t.xmin::text::bigint)")
         rows = rows_from([*keys, sql.Identifier("kj")], packed)
     # FOR UPDATE: a local write that commits between this read and our write must not be
     # overwritten unseen; it waits for us instead and then wins or loses on its own time.
@@ -230,6 +230,7 @@ class _State:
 
     seen: dict[Key, LocalRow]             # rows as read (present on the site when we looked)
     tombs_read: dict[Key, Tombstone]
+    key_json: dict[Key, str]              # every key of the call as a JSON object (text)
     clocks_read: dict[Key, Clocks] = field(default_factory=dict)  # merge_columns only
     rows: dict[Key, LocalRow | None] = field(default_factory=dict)
     tombs: dict[Key, Tombstone | None] = field(default_factory=dict)
@@ -276,7 +277,7 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
             if versions:
                 params, packed = _columns_param([*transpose(keys), key_json])
                 cur.execute(_local_rows_sql(st, with_ts, True, packed),
-                            [table.qualified, table.qualified, *params])
+                            [table.qualified, *params])
             else:
                 params, packed = _columns_param(transpose(keys))
                 cur.execute(_local_rows_sql(st, with_ts, False, packed), params)
@@ -295,8 +296,8 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
     for r in fetched:
         values = dict(zip(table.columns, r[nk:nk + nc], strict=True))
         ts, roident, recorded = r[-3], r[-2], r[-1]
-        if recorded is not None:
-            origin = recorded
+        if recorded is not None:  # [source commit time, office] from row_versions
+            ts, origin = datetime.fromisoformat(recorded[0]), recorded[1]
         else:
             origin = origin_source(origins.get(roident), site) if roident else site
         k = tuple(r[:nk])
@@ -306,10 +307,10 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
         key = tuple(k.get(n) for n in names)
         tombs_read[key] = Tombstone(deleted_at, version, source or "", row_values,
                                     clocks_read.get(key, {}) if columns else None)
-    state = _State(seen, tombs_read, clocks_read)
+    state = _State(seen, tombs_read, dict(zip(keys, key_json, strict=True)), clocks_read)
     conflicts = _decide(ctx, state, st, changes, begin, resolver)
     strategy = str(getattr(resolver, "strategy", ""))
-    raced = _write(ctx, cur, st, state, conflicts, names, strategy, versions)
+    raced = _write(ctx, cur, st, state, conflicts, strategy, versions)
     if raced:
         # Nothing of the raced keys was written (rows, tombstones, conflicts): decide their
         # changes again, now that their rows exist and we hold them.
@@ -396,8 +397,7 @@ def _apply_decision(state: _State, st: SiteTable, ch: Change, before: Key, decis
 
 
 def _write(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable, state: _State,
-           conflicts: list[_Conflict], names: Sequence[str], strategy: str,
-           versions: bool) -> set[Key]:
+           conflicts: list[_Conflict], strategy: str, versions: bool) -> set[Key]:
     """Write the net effect of the decisions (module docstring, step 3); return the keys a
     concurrent local insert got to first (nothing of theirs was written, conflicts and
     tombstone changes included)."""
@@ -438,18 +438,18 @@ def _write(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable, state: 
             params, packed = _columns_param([[r[table.columns[i]] for r in rows] for i in cols])
             cur.execute(_statement("upsert", st, cols, packed), params)
         if not fresh_keys:
-            _write_bookkeeping(ctx, cur, st, state, conflicts, names, set(), strategy)
+            _write_bookkeeping(ctx, cur, st, state, conflicts, set(), strategy)
             if versions:
-                _write_versions(cur, st, state, names, set())
+                _write_versions(cur, st, state, set())
     for fc, group in fresh_curs:
         inserted = {tuple(r) for r in fc.fetchall()}
         fc.close()
         raced.update(k for k, _r in group if k not in inserted)
     if fresh_keys:
         with conn.pipeline():
-            _write_bookkeeping(ctx, cur, st, state, conflicts, names, raced, strategy)
+            _write_bookkeeping(ctx, cur, st, state, conflicts, raced, strategy)
             if versions:
-                _write_versions(cur, st, state, names, raced)
+                _write_versions(cur, st, state, raced)
     return raced
 
 
@@ -486,7 +486,7 @@ _VERSIONS_DELETE = ("DELETE FROM cdc_sync.row_versions WHERE table_name = %s "
 
 
 def _write_versions(cur: psycopg.Cursor[Any], st: SiteTable, state: _State,
-                    names: Sequence[str], raced: set[Key]) -> None:
+                    raced: set[Key]) -> None:
     """`cdc_sync.row_versions` of the keys written (see `needs_row_versions`)."""
     put: list[tuple[Key, LocalRow]] = []
     gone: list[Key] = []
@@ -498,15 +498,14 @@ def _write_versions(cur: psycopg.Cursor[Any], st: SiteTable, state: _State,
             gone.append(k)
         elif final.commit_ts is not None:
             put.append((k, final))
+    js = state.key_json
     if put:
         cur.execute(_versions_sql(st), [
-            st.table.qualified, *transpose([k for k, _r in put]),
-            [_json(dict(zip(names, k, strict=True))) for k, _r in put],
+            st.table.qualified, *transpose([k for k, _r in put]), [js[k] for k, _r in put],
             [r.commit_ts.isoformat() for _k, r in put if r.commit_ts is not None],
             [r.origin for _k, r in put]])
     if gone:
-        cur.execute(_VERSIONS_DELETE, (st.table.qualified,
-                                       [_json(dict(zip(names, k, strict=True))) for k in gone]))
+        cur.execute(_VERSIONS_DELETE, (st.table.qualified, [js[k] for k in gone]))
 
 
 def _clocks_to_write(state: _State, raced: set[Key]) -> list[tuple[Key, dict[str, Any]]]:
@@ -533,8 +532,8 @@ def _clocks_to_write(state: _State, raced: set[Key]) -> list[tuple[Key, dict[str
 
 
 def _write_bookkeeping(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
-                       state: _State, conflicts: list[_Conflict], names: Sequence[str],
-                       raced: set[Key], strategy: str) -> None:
+                       state: _State, conflicts: list[_Conflict], raced: set[Key],
+                       strategy: str) -> None:
     """Tombstones and the conflict log of every key but `raced`."""
     table = st.table
     put: list[tuple[Key, Tombstone, str | None]] = []
@@ -549,8 +548,7 @@ def _write_bookkeeping(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTa
         elif k in state.tombs_read:
             drop.append(k)
 
-    def js(k: Key) -> str:
-        return _json(dict(zip(names, k, strict=True)))
+    js = state.key_json.__getitem__
 
     if put:
         cur.execute(_TOMBSTONE_UPSERT, (
