@@ -284,6 +284,28 @@ def run(
         server.close()
 
 
+@app.command()
+def capture(config: ConfigOpt = None) -> None:
+    """Read the slot into the bus ([bus]) until SIGINT/SIGTERM; sites apply with `apply`."""
+    if not _state["log_level_given"] and not _state["debug"]:
+        logging.getLogger().setLevel(logging.INFO)
+    settings = _settings(config)
+    _guard(lambda: commands.capture(settings))
+
+
+@app.command("apply")
+def apply_cmd(
+    config: ConfigOpt = None,
+    site: Annotated[list[str] | None, typer.Option(
+        "--site", help="a site to apply to (repeatable; default: every site in the file)")] = None,
+) -> None:
+    """Apply the bus ([bus]) to sites until SIGINT/SIGTERM."""
+    if not _state["log_level_given"] and not _state["debug"]:
+        logging.getLogger().setLevel(logging.INFO)
+    settings = _settings(config)
+    _guard(lambda: commands.apply(settings, site or None))
+
+
 def _connector_status_fn(settings: Settings) -> Callable[[], list[dict[str, Any]]] | None:
     if not settings.connectors:
         return None

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -424,6 +424,9 @@ def run(settings: Settings, *, install_signals: bool = True,
     from .connectors.runner import start_runners
     from .pipeline import Pipeline
 
+    if settings.bus is not None and pipeline is None:
+        run_bus(settings, install_signals=install_signals)
+        return
     check_runnable(settings)
     pipe = pipeline or Pipeline(settings)
     # The stream thread decodes (pure Python, holding the GIL) while each site thread waits on
@@ -448,6 +451,85 @@ def run(settings: Settings, *, install_signals: bool = True,
         stop_connectors.set()
         for t in runners:
             t.join(timeout=30)
+
+
+def _on_signals(stop: Callable[[], None]) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        log.info("received signal %d: stopping", signum)
+        stop()
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def capture(settings: Settings, *, install_signals: bool = True) -> None:
+    """`cdc-sync capture`: the slot into the bus until SIGINT/SIGTERM (`cdc_sync.bus`)."""
+    from .bus.capture import Capture
+    from .bus.client import BusClient
+
+    if settings.bus is None:
+        raise ConfigError("capture needs a [bus] section (kind, url) in the configuration")
+    check_runnable(settings)
+    client = BusClient(settings.bus, settings.source.name)
+    try:
+        client.connect()  # an unreachable bus or a foreign stream: one line, before anything
+        client.ensure_stream()
+    except BaseException:
+        client.close()
+        raise
+    cap = Capture(settings, client=client)
+    cap.bus_connected = True
+    if install_signals:
+        _on_signals(cap.stop)
+    try:
+        cap.run()
+    finally:
+        client.close()
+
+
+def apply(settings: Settings, sites: Sequence[str] | None = None, *,
+          install_signals: bool = True) -> None:
+    """`cdc-sync apply`: the bus into `sites` (default: all) until SIGINT/SIGTERM."""
+    from .bus.applier import BusApplier
+
+    if settings.bus is None:
+        raise ConfigError("apply needs a [bus] section (kind, url) in the configuration")
+    for name in sites or ():
+        settings.site(name)  # an unknown site: one line naming the known ones
+    applier = BusApplier(settings, sites)
+    if install_signals:
+        _on_signals(applier.stop)
+    applier.run()
+
+
+def run_bus(settings: Settings, *, install_signals: bool = True) -> None:
+    """`cdc-sync run` with `[bus]`: capture and the appliers of every site in one process."""
+    from .bus.applier import BusApplier
+    from .bus.capture import Capture
+    from .connectors.runner import start_runners
+
+    check_runnable(settings)
+    sys.setswitchinterval(min(sys.getswitchinterval(), RUN_SWITCH_INTERVAL))
+    cap = Capture(settings)
+    applier = BusApplier(settings)
+
+    def stop() -> None:
+        cap.stop()
+        applier.stop()
+
+    if install_signals:
+        _on_signals(stop)
+    stop_connectors = threading.Event()
+    runners = start_runners(settings, stop_connectors)
+    t = threading.Thread(target=applier.run, name="bus-apply", daemon=True)
+    t.start()
+    try:
+        cap.run()
+    finally:
+        applier.stop()
+        t.join(timeout=90)
+        stop_connectors.set()
+        for r in runners:
+            r.join(timeout=30)
 
 
 # -- status ------------------------------------------------------------------------------

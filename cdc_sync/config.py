@@ -48,6 +48,7 @@ from cdc_sync.errors import ConfigError, mask_dsn
 __all__ = [
     "CONFIG_ENV_VAR",
     "DEFAULT_CONFIG_FILE",
+    "BusSettings",
     "ConflictSettings",
     "ConflictTableSettings",
     "ConnectorSettings",
@@ -374,6 +375,51 @@ class ConnectorSettings(_Model):
         return value
 
 
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
+class BusSettings(_Model):
+    """`[bus]`: a NATS JetStream stream between capture and the appliers (`cdc_sync.bus`)."""
+
+    kind: Literal["nats"]
+    url: _Text | Annotated[list[_Text], Field(min_length=1)]
+    stream: str | None = None  # None: "CDC_" + the source name, upper-cased (`stream_for`)
+    creds_file: _Text | None = None
+    token: str | None = Field(default=None, repr=False)
+    user: _Text | None = None
+    password: str | None = Field(default=None, repr=False)
+    tls_ca_file: _Text | None = None
+    replicas: _Int = Field(default=1, ge=1, le=5)
+    max_bytes: _Int = Field(default=-1, ge=-1)  # -1: no limit
+    max_age_seconds: _Float = Field(default=0, ge=0)  # 0: no limit
+
+    @field_validator("stream")
+    @classmethod
+    def _check_stream(cls, value: str | None) -> str | None:
+        if value is not None and not _STREAM_NAME.fullmatch(value):
+            raise _invalid("expected a JetStream stream name: letters, digits, _ and -")
+        return value
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> BusSettings:
+        if (self.user is None) != (self.password is None):
+            raise _invalid("user and password go together", "user")
+        if sum(x is not None for x in (self.creds_file, self.token, self.user)) > 1:
+            raise _invalid("choose one of creds_file, token, user + password", "token")
+        return self
+
+    @property
+    def servers(self) -> list[str]:
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+    def stream_for(self, source: str) -> str:
+        """The stream's name: `stream`, else "CDC_" + `source` upper-cased (characters a
+        stream name cannot hold become "_")."""
+        if self.stream is not None:
+            return self.stream
+        return "CDC_" + re.sub(r"[^A-Za-z0-9_-]", "_", source.upper())
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -382,6 +428,7 @@ class Settings(_Model):
     conflicts: ConflictSettings = Field(default_factory=lambda: ConflictSettings())
     outbox: OutboxSettings = Field(default_factory=lambda: OutboxSettings())
     connectors: list[ConnectorSettings] = Field(default_factory=lambda: [])
+    bus: BusSettings | None = None  # None: one process holds the slot and every site
 
     @model_validator(mode="after")
     def _check_names(self) -> Settings:

@@ -1,0 +1,272 @@
+"""`BusApplier`: JetStream → sites (`cdc-sync apply --site NAME`).
+
+Contract:
+- One `SiteWorker` per site, exactly as in-process (batching, conflicts, dead letters,
+  outbox, grouping, loop prevention), fed by a `SiteFeed` thread that reads the stream.
+- The site's progress is the truth: a feed starts (and, whenever its worker lost its place,
+  starts again) at the first message whose transaction commits at or after the site's
+  durable position, found by a binary search over the stream's headers (`find_start`). What
+  the consumer acknowledged is never used, and a transaction that arrives twice is skipped by
+  the worker, as a replayed slot is in-process.
+- A transaction whose chunks stop before its commit (capture died mid-transaction) and that
+  arrives again from chunk 0 is discarded: the feed remembers those messages, drops its worker's
+  open transaction and starts again from the site's progress, skipping them.
+- When the messages a site needs were already discarded by the stream's retention, the site
+  is `needs_resync` (status, log, never skipped silently) and nothing more is applied to it
+  until `cdc-sync init` re-copies it.
+- A message that is not ours, or of a newer format, is logged with its sequence and skipped
+  (counted in `bad_messages`); it never stops the feed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from ..changes import DEFAULT_CHUNK_SIZE, Assembler, TxItem
+from ..config import Settings, SiteSettings
+from ..errors import CdcSyncError
+from ..protocol import ROW_TAGS, Lsn, decode_message
+from ..sinks.worker import ItemBatch, SiteWorker
+from ._format import (
+    FORMAT_VERSION,
+    HEADER_CHUNK,
+    HEADER_FORMAT,
+    HEADER_PREV,
+    HEADER_TX,
+    BusFormatError,
+    decode_body,
+)
+from .client import BusClient, BusError, BusState
+
+__all__ = ["BusApplier", "SiteFeed", "find_start"]
+
+log = logging.getLogger(__name__)
+
+FETCH_BATCH: Final = 256
+FETCH_TIMEOUT: Final = 0.5
+RESTART_INITIAL: Final = 0.5
+RESYNC_CHECK_SECONDS: Final = 10.0
+
+
+def _tx_of(headers: dict[str, str] | None) -> int | None:
+    if not headers or HEADER_TX not in headers:
+        return None
+    try:
+        return int(headers[HEADER_TX], 16)
+    except ValueError:
+        return None
+
+
+def find_start(client: BusClient, state: BusState, position: Lsn) -> tuple[int, bool]:
+    """(sequence to start at, whether messages the site needs are gone).
+
+    The first message whose transaction commits at or after `position` (binary search:
+    transactions are published in commit order; a re-publish after a crash repeats a suffix,
+    and starting inside a repeated suffix loses nothing). Gone: retention discarded messages
+    (`first_seq` > 1) and the oldest one left is not known to follow `position` directly."""
+    lo, hi = state.first_seq, state.last_seq + 1
+    if state.messages == 0:
+        return state.last_seq + 1, False
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tx = _tx_of(client.headers_at(mid))
+        if tx is not None and tx >= position:
+            hi = mid
+        else:
+            lo = mid + 1
+    gone = False
+    if lo == state.first_seq and state.first_seq > 1:
+        first = client.headers_at(state.first_seq) or {}
+        prev = first.get(HEADER_PREV)
+        gone = prev is None or int(prev, 16) > position
+    return lo, gone
+
+
+class SiteFeed(threading.Thread):
+    """Reads the stream into one site's worker (see the module docstring)."""
+
+    def __init__(self, client: BusClient, worker: SiteWorker, *,
+                 chunk_size: int | None = None) -> None:
+        super().__init__(name=f"bus-feed-{worker.site}", daemon=True)
+        self.client = client
+        self.worker = worker
+        self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+        self._halt = threading.Event()
+        self._restart = threading.Event()
+        self._discarded: set[int] = set()  # sequences of partial transactions
+        self.position_seq = 0  # the last stream sequence handed to the worker
+        self.needs_resync = False
+        self.bad_messages = 0
+        self.restarts = 0
+        self.last_error: str | None = None
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def restart(self, _worker: SiteWorker | None = None) -> None:
+        """The worker lost its place (it calls this as `on_rewind`): start again from its
+        site's progress."""
+        self._restart.set()
+
+    def run(self) -> None:
+        failures = 0
+        while not self._halt.is_set():
+            try:
+                self._session()
+                failures = 0
+            except (BusError, BusFormatError, CdcSyncError, TimeoutError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("site %s: %s; retrying", self.worker.site, exc)
+                failures += 1
+            if not self._halt.is_set():
+                self._halt.wait(min(10.0, RESTART_INITIAL * failures))
+
+    def _session(self) -> None:
+        worker = self.worker
+        while worker.durable_lsn is None and not self._halt.is_set():
+            self._halt.wait(0.2)  # the worker is (re)connecting to its site
+        if self._halt.is_set():
+            return
+        position = worker.durable_lsn or Lsn(0)
+        state = self.client.state()
+        start, gone = find_start(self.client, state, position)
+        if gone:
+            if not self.needs_resync:
+                log.error("site %s needs a resync: the stream %s no longer holds the changes "
+                          "after %s (its retention discarded them); run `cdc-sync init`",
+                          worker.site, state.stream, position)
+            self.needs_resync = True
+            self._halt.wait(RESYNC_CHECK_SECONDS)
+            return
+        self.needs_resync = False
+        self._restart.clear()
+        worker.reset()
+        self.restarts += 1
+        assembler = Assembler(chunk_size=self.chunk_size)
+        consumer = self.client.consumer(start)
+        tx_first = 0  # sequence of chunk 0 of the open transaction
+        try:
+            while not self._halt.is_set() and not self._restart.is_set():
+                items: list[TxItem] = []
+                for msg in consumer.fetch(FETCH_BATCH, FETCH_TIMEOUT):
+                    if msg.seq in self._discarded:
+                        continue
+                    h = msg.headers
+                    if h.get(HEADER_FORMAT) != FORMAT_VERSION or HEADER_CHUNK not in h:
+                        self.bad_messages += 1
+                        log.error("site %s: stream %s message %d is not a cdc-sync message of "
+                                  "format %s: skipped", worker.site, self.client.stream, msg.seq,
+                                  FORMAT_VERSION)
+                        continue
+                    chunk = int(h[HEADER_CHUNK])
+                    if chunk == 0 and assembler.in_transaction:
+                        # The open transaction stopped short (capture died mid-way) and comes
+                        # again: forget it at the site too, from the site's progress.
+                        self._discarded.update(range(tx_first, msg.seq))
+                        log.info("site %s: discarding a partial transaction (messages %d-%d)",
+                                 worker.site, tx_first, msg.seq - 1)
+                        self._restart.set()
+                        items = []
+                        break
+                    if chunk > 0 and not assembler.in_transaction:
+                        continue  # the rest of a transaction we did not start with
+                    if chunk == 0:
+                        tx_first = msg.seq
+                    items.extend(self._feed(assembler, msg.data))
+                    self.position_seq = msg.seq
+                if items:
+                    self._deliver(ItemBatch.of(items))
+        finally:
+            consumer.close()
+
+    @staticmethod
+    def _feed(assembler: Assembler, body: bytes) -> list[TxItem]:
+        out: list[TxItem] = []
+        for frame in decode_body(body):
+            if frame[0] in ROW_TAGS:
+                out.extend(assembler.feed_row(frame))
+            else:
+                out.extend(assembler.feed(decode_message(frame), len(frame)))
+        return out
+
+    def _deliver(self, batch: ItemBatch) -> None:
+        while not self._halt.is_set() and not self._restart.is_set():
+            if self.worker.put(batch, timeout=0.5):
+                return
+            if not self.worker.accepting:
+                self._restart.set()  # the site went away: it resumes from its progress
+                return
+
+
+class BusApplier:
+    """Applies the stream of `settings`' source to `sites` (default: all) until `stop()`."""
+
+    def __init__(self, settings: Settings, sites: Sequence[str] | None = None, *,
+                 on_applied: Callable[[SiteWorker, int, float], None] | None = None,
+                 chunk_size: int | None = None) -> None:
+        from ..pipeline import site_options  # pipeline imports much
+
+        if settings.bus is None:
+            raise CdcSyncError("apply needs a [bus] section in the configuration")
+        chosen: list[SiteSettings] = ([settings.site(n) for n in sites] if sites
+                                      else list(settings.sites))
+        self.settings = settings
+        self._stop = threading.Event()
+        self.clients: list[BusClient] = []
+        self.workers: list[SiteWorker] = []
+        self.feeds: list[SiteFeed] = []
+        for site in chosen:
+            client = BusClient(settings.bus, settings.source.name)
+            worker = SiteWorker(site.name, site.dsn, settings.source.name,
+                                on_applied=on_applied, options=site_options(settings, site),
+                                group_transactions=True)
+            feed = SiteFeed(client, worker, chunk_size=chunk_size)
+            worker.on_rewind = feed.restart
+            self.clients.append(client)
+            self.workers.append(worker)
+            self.feeds.append(feed)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        try:
+            for client in self.clients:
+                client.connect()
+            for w in self.workers:
+                w.start()
+            for w in self.workers:
+                w.ready.wait(timeout=15)
+            for f in self.feeds:
+                f.start()
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            for f in self.feeds:
+                f.stop()
+            for f in self.feeds:
+                if f.is_alive():
+                    f.join(timeout=30)
+            for w in self.workers:
+                w.stop()
+            for w in self.workers:
+                if w.is_alive():
+                    w.join(timeout=60)
+            for client in self.clients:
+                client.close()
+            log.info("apply stopped")
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Test helper: whether every feed caught up with the stream within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = [f.client.state() for f in self.feeds]
+            if all(f.position_seq >= s.last_seq and f.worker.idle()
+                   for f, s in zip(self.feeds, states, strict=True)):
+                return True
+            time.sleep(0.1)
+        return False

@@ -1,0 +1,279 @@
+"""`BusClient`: a blocking facade over nats-py's JetStream for capture and the appliers.
+
+Contract:
+- nats-py is asyncio; cdc-sync's pipeline is threads. The client runs one event loop in a
+  daemon thread and every method blocks the calling thread until its coroutine is done, so
+  capture and the site feeders call it like psycopg.
+- `connect()` reaches the servers within `CONNECT_TIMEOUT` seconds or raises `BusError` with
+  one line (servers, never a token or password). `ensure_stream()` creates the stream (file
+  storage, subjects `cdc.<source>.>`, the retention of `[bus]`) or checks that an existing one
+  has our subjects (else `BusError` naming the stream and the fix).
+- `publish(chunks)` sends chunks without waiting for each acknowledgement (JetStream's async
+  publish, with the chunk's `Nats-Msg-Id`) and returns one future per chunk that resolves to
+  the stream sequence once JetStream has stored it (or to a duplicate's). Call `flush_acks` to
+  wait for all of them.
+- `consumer(start_seq)` opens an ephemeral pull consumer delivering from `start_seq`; its
+  `fetch(n, timeout)` returns `BusMessage`s (an empty list when none came in time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ssl
+import threading
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from ..config import BusSettings
+from ..errors import CdcSyncError
+from ._format import Chunk
+
+__all__ = ["BusClient", "BusError", "BusMessage", "BusState", "subject_for"]
+
+CONNECT_TIMEOUT: Final = 10.0
+REQUEST_TIMEOUT: Final = 10.0
+DUPLICATE_WINDOW: Final = 600.0  # seconds: a capture restarted within this re-publishes unseen
+MAX_PENDING_PUBLISHES: Final = 4000
+T = TypeVar("T")
+
+
+class BusError(CdcSyncError):
+    """The bus cannot be reached or used; the message is one line."""
+
+
+def subject_for(source: str) -> str:
+    """The subject capture publishes `source`'s transactions to."""
+    safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in source)
+    return f"cdc.{safe}.tx"
+
+
+@dataclass(frozen=True, slots=True)
+class BusState:
+    """The stream as JetStream reports it."""
+
+    stream: str
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class BusMessage:
+    seq: int
+    headers: dict[str, str]
+    data: bytes
+
+
+class BusClient:
+    """One connection to the bus for one source's stream (see the module docstring)."""
+
+    def __init__(self, bus: BusSettings, source: str) -> None:
+        self.settings = bus
+        self.source = source
+        self.stream = bus.stream_for(source)
+        self.subject = subject_for(source)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bus-loop",
+                                        daemon=True)
+        self._thread.start()
+        self._nc: Any = None
+        self._js: Any = None
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def where(self) -> str:
+        return ", ".join(self.settings.servers)
+
+    def connect(self) -> None:
+        self._run(self._connect(), CONNECT_TIMEOUT + 5)
+
+    async def _connect(self) -> None:
+        import nats  # only commands that use the bus pay for importing nats
+
+        bus = self.settings
+        options: dict[str, Any] = {
+            "servers": bus.servers, "connect_timeout": 2, "allow_reconnect": True,
+            "max_reconnect_attempts": -1, "reconnect_time_wait": 1,
+            "name": f"cdc-sync {self.source}",
+        }
+        if bus.creds_file:
+            options["user_credentials"] = bus.creds_file
+        if bus.token:
+            options["token"] = bus.token
+        if bus.user:
+            options["user"], options["password"] = bus.user, bus.password
+        if bus.tls_ca_file:
+            options["tls"] = ssl.create_default_context(cafile=bus.tls_ca_file)
+
+        async def quiet(_exc: Exception) -> None:
+            return None
+
+        options["error_cb"] = quiet
+        try:
+            self._nc = await asyncio.wait_for(_first_connect(nats, options), CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise BusError(f"bus: cannot reach {self.where} within {CONNECT_TIMEOUT:g} s") from None
+        except Exception as exc:  # nats-py raises several kinds; one line each
+            raise BusError(f"bus: cannot connect to {self.where}: {_one_line(exc)}") from None
+        self._js = self._nc.jetstream(timeout=REQUEST_TIMEOUT,
+                                      publish_async_max_pending=MAX_PENDING_PUBLISHES)
+
+    def close(self) -> None:
+        if self._nc is not None:
+            try:
+                self._run(self._nc.close(), 10)
+            except Exception:  # closing a broken connection
+                pass
+            self._nc = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    # -- the stream --------------------------------------------------------------------------
+    def ensure_stream(self) -> BusState:
+        return self._run(self._ensure_stream(), REQUEST_TIMEOUT * 3)
+
+    async def _ensure_stream(self) -> BusState:
+        from nats.js import api, errors
+
+        bus = self.settings
+        wanted = f"cdc.{self.subject.split('.')[1]}.>"
+        try:
+            info = await self._js.stream_info(self.stream)
+        except errors.NotFoundError:
+            config = api.StreamConfig(
+                name=self.stream, subjects=[wanted], storage=api.StorageType.FILE,
+                num_replicas=bus.replicas, max_bytes=bus.max_bytes,
+                max_age=bus.max_age_seconds or None, duplicate_window=DUPLICATE_WINDOW,
+                discard=api.DiscardPolicy.OLD,
+                description=f"cdc-sync: transactions of source {self.source}")
+            try:
+                info = await self._js.add_stream(config)
+            except Exception as exc:
+                raise BusError(f"bus: cannot create stream {self.stream}: "
+                               f"{_one_line(exc)}") from None
+        except Exception as exc:
+            raise BusError(f"bus: cannot read stream {self.stream}: {_one_line(exc)}") from None
+        subjects = list(info.config.subjects or [])
+        if wanted not in subjects and self.subject not in subjects:
+            raise BusError(
+                f"bus: stream {self.stream} exists with subjects {subjects}, not {wanted}: "
+                f'set [bus] stream to another name, or delete that stream')
+        return _state(self.stream, info)
+
+    def state(self) -> BusState:
+        async def get() -> BusState:
+            return _state(self.stream, await self._js.stream_info(self.stream))
+        try:
+            return self._run(get(), REQUEST_TIMEOUT + 5)
+        except BusError:
+            raise
+        except Exception as exc:
+            raise BusError(f"bus: cannot read stream {self.stream}: {_one_line(exc)}") from None
+
+    def headers_at(self, seq: int) -> dict[str, str] | None:
+        """The headers of the message at `seq`; None if there is none (deleted or beyond)."""
+        async def get() -> dict[str, str] | None:
+            from nats.js import errors
+            try:
+                msg = await self._js.get_msg(self.stream, seq)
+            except errors.NotFoundError:
+                return None
+            return dict(msg.headers or {})
+        return self._run(get(), REQUEST_TIMEOUT + 5)
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self, chunks: Sequence[Chunk]) -> list[concurrent.futures.Future[int]]:
+        """Send `chunks` in order; one future per chunk, resolving to its stream sequence."""
+        return self._run(self._publish(chunks), REQUEST_TIMEOUT * 6)
+
+    async def _publish(self, chunks: Sequence[Chunk]) -> list[concurrent.futures.Future[int]]:
+        out: list[concurrent.futures.Future[int]] = []
+        for chunk in chunks:
+            ack = await self._js.publish_async(self.subject, chunk.body(),
+                                               headers=chunk.headers(),
+                                               wait_stall=REQUEST_TIMEOUT)
+            done: concurrent.futures.Future[int] = concurrent.futures.Future()
+            ack.add_done_callback(lambda f, done=done: _settle(f, done))
+            out.append(done)
+        return out
+
+    # -- consuming -------------------------------------------------------------------------
+    def consumer(self, start_seq: int) -> Consumer:
+        return Consumer(self, self._run(self._consumer(start_seq), REQUEST_TIMEOUT + 5))
+
+    async def _consumer(self, start_seq: int) -> Any:
+        from nats.js import api
+
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq),
+            ack_policy=api.AckPolicy.ALL, max_ack_pending=-1, inactive_threshold=300.0)
+        return await self._js.pull_subscribe(self.subject, durable=None, stream=self.stream,
+                                             config=config)
+
+
+class Consumer:
+    """An ephemeral pull consumer of the stream (`BusClient.consumer`)."""
+
+    def __init__(self, client: BusClient, sub: Any) -> None:
+        self._client = client
+        self._sub = sub
+
+    def fetch(self, n: int, timeout: float) -> list[BusMessage]:
+        return self._client._run(self._fetch(n, timeout), timeout + REQUEST_TIMEOUT)
+
+    async def _fetch(self, n: int, timeout: float) -> list[BusMessage]:
+        from nats import errors
+        try:
+            msgs = await self._sub.fetch(n, timeout=timeout)
+        except (errors.TimeoutError, TimeoutError):
+            return []
+        except Exception as exc:
+            raise BusError(f"bus: cannot read stream {self._client.stream}: "
+                           f"{_one_line(exc)}") from None
+        if msgs:
+            await msgs[-1].ack()  # AckAll: what we took (the site's progress is the truth)
+        return [BusMessage(m.metadata.sequence.stream, dict(m.headers or {}), m.data)
+                for m in msgs]
+
+    def close(self) -> None:
+        try:
+            self._client._run(self._sub.unsubscribe(), REQUEST_TIMEOUT)
+        except Exception:  # the consumer goes away by itself when inactive
+            pass
+
+
+async def _first_connect(nats: Any, options: dict[str, Any]) -> Any:
+    # nats-py keeps trying forever with max_reconnect_attempts = -1 only after a first
+    # connection; the first one is retried here until the caller's timeout.
+    while True:
+        try:
+            return await nats.connect(**options)
+        except Exception as exc:
+            if "Authorization" in str(exc) or "authorization" in str(exc):
+                raise
+            await asyncio.sleep(0.5)
+
+
+def _settle(ack: asyncio.Future[Any], done: concurrent.futures.Future[int]) -> None:
+    if ack.cancelled():
+        done.set_exception(BusError("bus: publish cancelled"))
+    elif ack.exception() is not None:
+        done.set_exception(BusError(f"bus: publish failed: {_one_line(ack.exception())}"))
+    else:
+        done.set_result(int(ack.result().seq))
+
+
+def _state(stream: str, info: Any) -> BusState:
+    s = info.state
+    return BusState(stream, int(s.messages), int(s.bytes), int(s.first_seq), int(s.last_seq))
+
+
+def _one_line(exc: BaseException | None) -> str:
+    text = " ".join(str(exc).split()) if exc is not None else ""
+    return text or type(exc).__name__
