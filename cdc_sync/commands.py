@@ -579,8 +579,9 @@ def status(settings: Settings) -> dict[str, Any]:
             entry["dead_letters"], entry["conflicts"] = int(counts[0]), int(counts[1])
         if row is not None:
             applied = Lsn.parse(row[0])
-            # Every site holds at least what the slot has confirmed (we confirm the minimum).
-            if confirmed is not None and confirmed > applied:
+            # Every site holds at least what the slot has confirmed (we confirm the minimum),
+            # unless a bus is in between: capture confirms what the stream stored.
+            if confirmed is not None and confirmed > applied and settings.bus is None:
                 applied = confirmed
             lag = max(0, current - applied)
             entry.update(applied_lsn=str(applied), lag_bytes=lag,
@@ -598,12 +599,49 @@ def status(settings: Settings) -> dict[str, Any]:
             result["connectors"] = connector_status(settings)
         except CdcSyncError as exc:
             result["connectors"] = [{"name": c.name, "error": str(exc)} for c in settings.connectors]
+    if settings.bus is not None:
+        result["bus"] = bus_status(settings, sites, confirmed)
     limit = src_cfg.max_retained_bytes
     if source["retained_bytes"] is not None and source["retained_bytes"] > limit:
         source["warning"] = (f"slot retains {source['retained_bytes']} bytes of WAL, over "
                              f"max_retained_bytes {limit}; held back by {_holding_back(sites)}")
         log.warning("%s", source["warning"])
     return result
+
+
+def bus_status(settings: Settings, sites: list[dict[str, Any]],
+               capture_lsn: Lsn | None) -> dict[str, Any]:
+    """The `bus` object of `status --json`: the stream's figures, capture's position (the
+    slot's confirmed position: capture confirms only what the stream stored) and, per site,
+    the messages still to apply, or `needs_resync` when retention discarded some of them."""
+    from .bus.applier import find_start
+    from .bus.client import BusClient
+
+    assert settings.bus is not None
+    client = BusClient(settings.bus, settings.source.name)
+    out: dict[str, Any] = {"stream": client.stream, "reachable": False, "messages": None,
+                           "bytes": None, "first_seq": None, "last_seq": None,
+                           "capture_lsn": str(capture_lsn) if capture_lsn else None,
+                           "sites": []}
+    try:
+        client.connect()
+        state = client.state()
+        out.update(reachable=True, messages=state.messages, bytes=state.bytes,
+                   first_seq=state.first_seq, last_seq=state.last_seq)
+        for site in sites:
+            applied = site.get("applied_lsn")
+            entry: dict[str, Any] = {"name": site["name"], "pending_messages": None,
+                                     "needs_resync": False}
+            if applied:
+                start, gone = find_start(client, state, Lsn.parse(applied))
+                entry["pending_messages"] = max(0, state.last_seq - start + 1)
+                entry["needs_resync"] = gone
+            out["sites"].append(entry)
+    except CdcSyncError as exc:
+        out["error"] = str(exc)
+    finally:
+        client.close()
+    return out
 
 
 def _holding_back(sites: list[dict[str, Any]]) -> str:

@@ -206,6 +206,9 @@ def render_status(data: Mapping[str, Any],
                                    render_sites(data.get("sites", []))]
     if connectors:
         parts.append(render_connectors(connectors))
+    bus = data.get("bus")
+    if bus:
+        parts.append(render_bus(bus))
     if connector_error:
         parts.append(Text.assemble(("connectors: ", "bold red"), _text(connector_error, "red")))
     if note:
@@ -323,3 +326,19 @@ def format_office_line(rows: Sequence[OfficeRow], *, elapsed: float) -> str:
              f"{format_seconds(r.lag_seconds)}, {r.changes_per_second:.0f} changes/s, "
              f"{r.conflicts} conflicts, {r.dead_letters} dead letters" for r in rows]
     return f"[{elapsed:5.1f}s] " + " | ".join(parts)
+
+
+def render_bus(bus: Mapping[str, Any]) -> Text:
+    """One line for the stream, then one per site: pending messages or "needs resync"."""
+    if not bus.get("reachable"):
+        return Text.assemble(("bus: ", "bold"), _text(f"stream {bus.get('stream')}: "
+                                                     f"{bus.get('error') or 'unreachable'}", "red"))
+    text = Text.assemble(("bus: ", "bold"), f"stream {bus['stream']}, {bus['messages']} messages, "
+                         f"{bus['bytes']} bytes, seq {bus['first_seq']}..{bus['last_seq']}")
+    for site in bus.get("sites", ()):
+        if site.get("needs_resync"):
+            text.append(f"\n  {site['name']}: ")
+            text.append("needs resync (run cdc-sync init)", "bold red")
+        else:
+            text.append(f"\n  {site['name']}: {site.get('pending_messages')} pending")
+    return text

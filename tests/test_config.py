@@ -280,10 +280,10 @@ def test_toml_error_at_end_of_document(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_origin_is_the_path_as_given(tmp_path: Path) -> None:
     path = tmp_path / "given.toml"
-    path.write_text("bogus = 1\n" + MINIMAL)
+    path.write_text("quuxly = 1\n" + MINIMAL)
     with pytest.raises(ConfigError) as info:
         load_settings(path, environ={})
-    assert str(info.value) == f"{path}: bogus: unknown key"
+    assert str(info.value) == f"{path}: quuxly: unknown key"
 
 
 # -- unknown, missing and mistyped keys --------------------------------------------------------

@@ -149,7 +149,9 @@ class BusClient:
             config = api.StreamConfig(
                 name=self.stream, subjects=[wanted], storage=api.StorageType.FILE,
                 num_replicas=bus.replicas, max_bytes=bus.max_bytes,
-                max_age=bus.max_age_seconds or None, duplicate_window=DUPLICATE_WINDOW,
+                max_age=bus.max_age_seconds or None,
+                # JetStream wants the de-duplication window within the retention age
+                duplicate_window=min(DUPLICATE_WINDOW, bus.max_age_seconds or DUPLICATE_WINDOW),
                 discard=api.DiscardPolicy.OLD,
                 description=f"cdc-sync: transactions of source {self.source}")
             try:
