@@ -199,12 +199,36 @@ def _site_has_snapshot(site: SiteSettings, source: str) -> bool:
     return row is not None and row[0] is not None
 
 
+def _needing_resync(settings: Settings, exclude: list[SiteSettings]) -> set[str]:
+    """With `[bus]`: the sites whose next changes the stream already discarded."""
+    if settings.bus is None:
+        return set()
+    sites: list[dict[str, Any]] = []
+    for site in settings.sites:
+        if site in exclude:
+            continue
+        with connect_site_checked(site) as conn:
+            row = conn.execute("SELECT applied_lsn::text FROM cdc_sync.progress "
+                               "WHERE source = %s", (settings.source.name,)).fetchone()
+        if row is not None and row[0]:
+            sites.append({"name": site.name, "applied_lsn": row[0]})
+    if not sites:
+        return set()
+    bus = bus_status(settings, sites, None)
+    if "error" in bus:  # no stream yet, or the bus is down: nothing to tell, nothing to redo
+        log.info("init: cannot check the bus for sites needing a resync: %s", bus["error"])
+        return set()
+    return {s["name"] for s in bus["sites"] if s["needs_resync"]}
+
+
 def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], snapshot: str,
                point: Lsn, on_progress: CopyProgress | None, *,
-               record_progress: bool = True, migration: Future[None] | None = None) -> int:
+               record_progress: bool = True, migration: Future[None] | None = None,
+               replace: bool = False) -> int:
     """Copy `tables` into `site` at `snapshot`, all in one site transaction (with the site's
     progress when `record_progress`). A table still empty (created by this `init` or not)
-    gets its indexes built after its rows are in, where `copy_table` can do that. The site's
+    gets its indexes built after its rows are in, where `copy_table` can do that. `replace`
+    (a site that needs a resync from the bus) deletes the site's rows first. The site's
     schema `migration`, if still running, is waited for before that transaction commits (a
     failed one fails the copy)."""
     total = 0
@@ -216,6 +240,8 @@ def _copy_site(settings: Settings, site: SiteSettings, tables: list[TableDef], s
         except psycopg.errors.InsufficientPrivilege:
             dst.rollback()
         for t in site_tables(site, tables):
+            if replace:  # a resync: the site's rows are replaced by the snapshot's
+                dst.execute(sql.SQL("DELETE FROM {}").format(t.ident))
             nonempty = dst.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(t.ident)
                                    ).fetchone()
             merge = bool(nonempty and nonempty[0])
@@ -341,6 +367,8 @@ def _copy_sites(settings: Settings, tables: list[TableDef], slot: dict[str, Any]
         for migration in migrations.values():
             migration.result()  # cdc_sync.progress is read next
         needing = [s for s in settings.sites if not _site_has_snapshot(s, src_cfg.name)]
+    resync = _needing_resync(settings, needing)
+    needing += [s for s in settings.sites if s.name in resync]
     # Sites that had their copy but got new tables (published since): copy just those, at a
     # fresh snapshot; replaying the stream from the site's position afterwards converges.
     new_tables = {
@@ -348,7 +376,8 @@ def _copy_sites(settings: Settings, tables: list[TableDef], slot: dict[str, Any]
                  if t.qualified in report.created_tables.get(s.name, [])]
         for s in settings.sites if s not in needing}
     new_tables = {k: v for k, v in new_tables.items() if v}
-    if slot is not None and (needing or new_tables) and slot["active"]:
+    if slot is not None and (needing or new_tables) and slot["active"] and (
+            settings.bus is None or len(needing) > len(resync) or new_tables):
         names = [s.name for s in needing] + list(new_tables)
         raise SourceError(
             f"source: sites {', '.join(names)} need an initial copy; "
@@ -365,7 +394,7 @@ def _copy_sites(settings: Settings, tables: list[TableDef], slot: dict[str, Any]
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(needing)))) as pool:
             futures = {s.name: pool.submit(
                 _copy_site, settings, s, tables, snapshot, point, on_progress,
-                migration=migrations[s.name]) for s in needing}
+                migration=migrations[s.name], replace=s.name in resync) for s in needing}
             futures.update({
                 name: pool.submit(_copy_site, settings, settings.site(name), only, snapshot,
                                   point, on_progress, record_progress=False,

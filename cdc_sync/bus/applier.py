@@ -26,10 +26,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+import psycopg
+
 from ..changes import DEFAULT_CHUNK_SIZE, Assembler, TxItem
 from ..config import Settings, SiteSettings
 from ..errors import CdcSyncError
 from ..protocol import ROW_TAGS, Lsn, decode_message
+from ..sessions import connect_site
 from ..sinks.worker import ItemBatch, SiteWorker
 from ._format import (
     FORMAT_VERSION,
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 FETCH_BATCH: Final = 256
 FETCH_TIMEOUT: Final = 0.5
 RESTART_INITIAL: Final = 0.5
-RESYNC_CHECK_SECONDS: Final = 10.0
+RESYNC_CHECK_SECONDS: Final = 3.0
 
 
 def _tx_of(headers: dict[str, str] | None) -> int | None:
@@ -131,6 +134,8 @@ class SiteFeed(threading.Thread):
             self._halt.wait(0.2)  # the worker is (re)connecting to its site
         if self._halt.is_set():
             return
+        if self.needs_resync:
+            self._reread_progress()  # `init` may have re-copied the site meanwhile
         position = worker.durable_lsn or Lsn(0)
         state = self.client.state()
         start, gone = find_start(self.client, state, position)
@@ -182,6 +187,17 @@ class SiteFeed(threading.Thread):
                     self._deliver(ItemBatch.of(items))
         finally:
             consumer.close()
+
+    def _reread_progress(self) -> None:
+        worker = self.worker
+        try:
+            with connect_site(worker.dsn) as conn:
+                row = conn.execute("SELECT applied_lsn::text FROM cdc_sync.progress "
+                                   "WHERE source = %s", (worker.source,)).fetchone()
+        except psycopg.Error:
+            return
+        if row is not None and row[0]:
+            worker.durable_lsn = max(worker.durable_lsn or Lsn(0), Lsn.parse(row[0]))
 
     @staticmethod
     def _feed(assembler: Assembler, body: bytes) -> list[TxItem]:

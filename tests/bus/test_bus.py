@@ -36,7 +36,7 @@ from cdc_sync import commands
 from cdc_sync.bus._format import Chunker
 from cdc_sync.bus.applier import BusApplier
 from cdc_sync.bus.capture import Capture
-from cdc_sync.bus.client import BusClient, BusError
+from cdc_sync.bus.client import BusClient, BusError, BusState
 from cdc_sync.config import Settings, settings_from_dict
 from cdc_sync.errors import ConfigError
 from cdc_sync.protocol import Lsn
@@ -95,6 +95,8 @@ def stream_state(settings: Settings) -> Any:
     try:
         client.connect()
         return client.state()
+    except BusError:  # not created yet by capture
+        return BusState(client.stream, 0, 0, 0, 0)
     finally:
         client.close()
 
@@ -186,7 +188,7 @@ def test_capture_killed_mid_transaction_leaves_nothing_twice(
 
 def test_retention_exceeded_shows_needs_resync(env: Env, nats_server: NatsServer) -> None:
     execute(env.source, "CREATE TABLE t (id int PRIMARY KEY)")
-    settings = bus_settings(env, nats_server, max_age_seconds=1)
+    settings = bus_settings(env, nats_server, max_age_seconds=2)
     commands.init(settings)
     with running(Capture(settings)):
         with connect(env.source) as conn:
@@ -202,7 +204,15 @@ def test_retention_exceeded_shows_needs_resync(env: Env, nats_server: NatsServer
             assert applier.workers[0].applied_changes == 0  # never silently skipped
             bus = commands.status(settings)["bus"]
             assert bus["sites"][0]["needs_resync"] is True, bus
-    assert scalar(env.sites[0], "SELECT count(*) FROM t") == 0
+            assert scalar(env.sites[0], "SELECT count(*) FROM t") == 0
+            # init re-copies that site while capture and the applier run; it then follows on
+            report = commands.init(settings)
+            assert report.copied.get(settings.sites[0].name) == 6
+            wait_for(lambda: not applier.feeds[0].needs_resync, 30, "the feed to resume")
+            execute(env.source, "INSERT INTO t VALUES (101)")
+            wait_for(lambda: scalar(env.sites[0], "SELECT count(*) FROM t") == 7, 30,
+                     "the re-copied site to apply new changes")
+    assert_same_tables(env.source, [env.sites[0]], ["public.t"])
 
 
 def test_a_foreign_message_is_skipped_and_counted(env: Env, nats_server: NatsServer) -> None:
