@@ -125,7 +125,7 @@ class Chunker:
     `feed(frame)` returns the chunks completed by that message. Between transactions only
     non-transactional logical messages ('M') make chunks of their own; keepalives never reach
     here. A transaction carrying a replication origin is dropped when `drop_origins`
-    (`dropped` then counts it, and `skipped_end` is its end LSN)."""
+    (`skipped_end` is then its end LSN)."""
 
     def __init__(self, *, drop_origins: bool, chunk_rows: int = CHUNK_ROWS,
                  chunk_bytes: int = CHUNK_BYTES) -> None:
@@ -143,19 +143,11 @@ class Chunker:
         self._bytes = 0
         self._included: set[int] = set()
         self.last_end: int | None = None  # end LSN of the last transaction chunked
-        self.dropped = 0
         self.skipped_end: int | None = None
 
     @property
     def in_transaction(self) -> bool:
         return self._in_tx
-
-    def reset(self) -> None:
-        """The session ended: forget the open transaction (it will be sent again)."""
-        self._in_tx = self._dropping = False
-        self._frames, self._rows, self._bytes = [], 0, 0
-        self._relations.clear()
-        self._types.clear()
 
     def feed(self, frame: bytes) -> list[Chunk]:
         tag = frame[0]
@@ -194,7 +186,6 @@ class Chunker:
             self._in_tx = False
             (end,) = _U64.unpack_from(frame, 10)
             if self._dropping:
-                self.dropped += 1
                 self.skipped_end = end
                 self._frames = []
                 return []

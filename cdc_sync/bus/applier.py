@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -101,10 +100,8 @@ class SiteFeed(threading.Thread):
         self._halt = threading.Event()
         self._restart = threading.Event()
         self._discarded: set[int] = set()  # sequences of partial transactions
-        self.position_seq = 0  # the last stream sequence handed to the worker
         self.needs_resync = False
         self.bad_messages = 0
-        self.restarts = 0
         self.last_error: str | None = None
 
     def stop(self) -> None:
@@ -150,7 +147,6 @@ class SiteFeed(threading.Thread):
         self.needs_resync = False
         self._restart.clear()
         worker.reset()
-        self.restarts += 1
         assembler = Assembler(chunk_size=self.chunk_size)
         consumer = self.client.consumer(start)
         tx_first = 0  # sequence of chunk 0 of the open transaction
@@ -182,7 +178,6 @@ class SiteFeed(threading.Thread):
                     if chunk == 0:
                         tx_first = msg.seq
                     items.extend(self._feed(assembler, msg.data))
-                    self.position_seq = msg.seq
                 if items:
                     self._deliver(ItemBatch.of(items))
         finally:
@@ -275,14 +270,3 @@ class BusApplier:
             for client in self.clients:
                 client.close()
             log.info("apply stopped")
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Test helper: whether every feed caught up with the stream within `timeout`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = [f.client.state() for f in self.feeds]
-            if all(f.position_seq >= s.last_seq and f.worker.idle()
-                   for f, s in zip(self.feeds, states, strict=True)):
-                return True
-            time.sleep(0.1)
-        return False

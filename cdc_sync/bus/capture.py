@@ -33,7 +33,7 @@ from ..protocol import XLOG_DATA_HEADER_SIZE, Lsn, PrimaryKeepalive
 from ..source.monitor import HEARTBEAT_PREFIX, SourceMonitor
 from ..source.stream import ReplicationStream, SlotBusy, StreamLost
 from ._format import Chunk, Chunker
-from .client import BusClient, BusError
+from .client import BusClient, BusError, BusStreamError
 
 __all__ = ["Capture"]
 
@@ -68,10 +68,6 @@ class Capture:
     def stop(self) -> None:
         self._stop.set()
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def run(self) -> None:
         failures = 0
         try:
@@ -85,10 +81,10 @@ class Capture:
                     failures = 0
                 except SlotBusy as exc:
                     self._note(exc)
+                except BusStreamError:
+                    raise  # a stream that is not ours: no retry makes it ours
                 except (StreamLost, BusError) as exc:
                     self._note(exc)
-                    if isinstance(exc, BusError) and "stream" in str(exc) and "exists" in str(exc):
-                        raise
                 if self._stop.is_set():
                     break
                 failures += 1

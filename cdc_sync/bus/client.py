@@ -30,7 +30,7 @@ from ..config import BusSettings
 from ..errors import CdcSyncError
 from ._format import Chunk
 
-__all__ = ["BusClient", "BusError", "BusMessage", "BusState", "subject_for"]
+__all__ = ["BusClient", "BusError", "BusMessage", "BusState", "BusStreamError", "subject_for"]
 
 CONNECT_TIMEOUT: Final = 10.0
 REQUEST_TIMEOUT: Final = 10.0
@@ -43,8 +43,13 @@ class BusError(CdcSyncError):
     """The bus cannot be reached or used; the message is one line."""
 
 
+class BusStreamError(BusError):
+    """The stream exists with other subjects: a configuration problem, not a transient one."""
+
+
 def subject_for(source: str) -> str:
-    """The subject capture publishes `source`'s transactions to."""
+    """The subject capture publishes `source`'s transactions to (`cdc.<source>.tx`; the
+    stream holds `cdc.<source>.>`)."""
     safe = "".join(c if c.isalnum() or c in "_-" else "_" for c in source)
     return f"cdc.{safe}.tx"
 
@@ -142,7 +147,7 @@ class BusClient:
         from nats.js import api, errors
 
         bus = self.settings
-        wanted = f"cdc.{self.subject.split('.')[1]}.>"
+        wanted = self.subject.rsplit(".", 1)[0] + ".>"
         try:
             info = await self._js.stream_info(self.stream)
         except errors.NotFoundError:
@@ -163,7 +168,7 @@ class BusClient:
             raise BusError(f"bus: cannot read stream {self.stream}: {_one_line(exc)}") from None
         subjects = list(info.config.subjects or [])
         if wanted not in subjects and self.subject not in subjects:
-            raise BusError(
+            raise BusStreamError(
                 f"bus: stream {self.stream} exists with subjects {subjects}, not {wanted}: "
                 f'set [bus] stream to another name, or delete that stream')
         return _state(self.stream, info)
