@@ -25,7 +25,7 @@ from .config import Settings, SiteSettings, table_matches
 from .errors import CdcSyncError, ConfigError, SiteError, SourceError
 from .protocol import Lsn
 from .sessions import SESSION_OPTIONS, connect_site
-from .sinks.schema import migrate_site
+from .sinks.schema import migrate_site, register_source
 from .source import catalog
 from .source.catalog import TableDef
 from .source.snapshot import begin_snapshot, check_slot_name, copy_table, exported_snapshot
@@ -361,11 +361,15 @@ def _copy_sites(settings: Settings, tables: list[TableDef], slot: dict[str, Any]
         raise SourceError(f"source: slot {src_cfg.slot} uses plugin {slot['plugin']}, not pgoutput")
     if slot is not None and not slot["same_database"]:
         raise SourceError(f"source: slot {src_cfg.slot} belongs to another database")
+    # Every site lists this source before its slot exists (`sinks.site.register_source`:
+    # commit-time LWW relies on it to know when row versions are needed).
+    for site in settings.sites:
+        migrations[site.name].result()  # cdc_sync.sources and .progress are used next
+        with connect_site_checked(site) as conn:
+            register_source(conn, src_cfg.name)
     if slot is None:
         needing = list(settings.sites)
     else:
-        for migration in migrations.values():
-            migration.result()  # cdc_sync.progress is read next
         needing = [s for s in settings.sites if not _site_has_snapshot(s, src_cfg.name)]
     resync = _needing_resync(settings, needing)
     needing += [s for s in settings.sites if s.name in resync]

@@ -94,6 +94,10 @@ EXPECTED: dict[str, dict[str, tuple[str, bool]]] = {
         "key": ("jsonb", False),
         "clocks": ("jsonb", False),
     },
+    "sources": {
+        "source": ("text", False),
+        "registered_at": ("timestamptz", False),
+    },
     "connector_state": {
         "connector": ("text", False),
         "delivered_seq": ("int8", False),
@@ -112,6 +116,7 @@ PRIMARY_KEYS = {
     "connector_state": ["connector"],
     "row_versions": ["table_name", "key"],
     "column_versions": ["table_name", "key"],
+    "sources": ["source"],
 }
 
 
@@ -142,7 +147,7 @@ def test_script_location_is_the_checkout_migrations() -> None:
 
 
 def test_head_revision() -> None:
-    assert head_revision() == "0004"
+    assert head_revision() == "0005"
 
 
 def test_offline_sql_creates_the_schema_first(capsys: pytest.CaptureFixture[str]) -> None:
@@ -422,6 +427,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
                  "cdc_sync/_migrations/versions/0002_tombstone_trigger.py",
                  "cdc_sync/_migrations/versions/0003_row_versions.py",
                  "cdc_sync/_migrations/versions/0004_column_versions.py",
+                 "cdc_sync/_migrations/versions/0005_sources.py",
                  "cdc_sync/sinks/schema.py", "cdc_sync/sinks/schema_head.sql"):
         assert name in names
     # Installed, the package finds its migrations inside itself.
@@ -439,7 +445,7 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     module, location, head, has_head_sql, c_decoder = probe.stdout.split()
     assert module.startswith(str(site))
     assert location == str(site / "cdc_sync" / "_migrations")
-    assert head == "0004"
+    assert head == "0005"
     assert has_head_sql == "True"
     # With a compiler (CI has one), the wheel carries the C decoder and the package uses it.
     if shutil.which("cc") or shutil.which("gcc"):
@@ -534,7 +540,8 @@ def test_a_site_at_head_is_checked_without_alembic(make_db: Callable[..., str]) 
     assert probe() == "False False False"
     with psycopg.connect(dsn, autocommit=True) as conn:
         # As a site of the previous release looks.
-        conn.execute("DROP TABLE cdc_sync.row_versions, cdc_sync.column_versions")
+        conn.execute("DROP TABLE cdc_sync.row_versions, cdc_sync.column_versions, "
+                     "cdc_sync.sources")
         conn.execute("ALTER TABLE cdc_sync.tombstones DROP COLUMN row_values")
         conn.execute("UPDATE cdc_sync.alembic_version SET version_num = '0002'")
     # Behind: alembic upgrades it (and then keeps its objects from the collector's walks).

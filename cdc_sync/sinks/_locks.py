@@ -20,6 +20,11 @@ target transaction. `BUCKETS` bounds the lock-table entries a transaction uses (
 lock table holds `max_locks_per_transaction` x connections entries; a lock per key would
 exhaust it on a large batch).
 
+The source registry (`cdc_sync.sources`, see `REGISTER_SQL`) has a lock of its own, outside
+the buckets' range: a resolving target transaction holds it shared while it reads which
+sources apply into the site (`SOURCES_SQL`), and a source registers under it exclusively, so a
+registration waits for every target transaction that read the registry without it.
+
 Pure functions apart from the SQL text; the bucket of a key is the same in every process and
 every office (CRC-32 of the table name and the key's text values).
 """
@@ -30,7 +35,8 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
-__all__ = ["BUCKETS", "LOCK_CLASS", "LOCK_SQL", "all_buckets", "bucket_of"]
+__all__ = ["BUCKETS", "LOCK_CLASS", "LOCK_SQL", "REGISTER_SQL", "REGISTRY_SHARED_SQL",
+           "SOURCES_SQL", "all_buckets", "bucket_of"]
 
 BUCKETS: Final = 64
 # The advisory-lock class (first int4 of the two-key form): "CDCS".
@@ -38,6 +44,16 @@ LOCK_CLASS: Final = 0x43444353
 LOCK_SQL: Final = (
     "SELECT count(pg_advisory_xact_lock(%s::int4, b)) FROM unnest(%s::int4[]) AS u(b)")
 _ALL: Final = tuple(range(BUCKETS))
+_REGISTRY: Final = BUCKETS  # the registry's lock: (LOCK_CLASS, BUCKETS)
+REGISTRY_SHARED_SQL: Final = (
+    f"SELECT pg_advisory_xact_lock_shared({LOCK_CLASS}::int4, {_REGISTRY}::int4)")
+# After REGISTRY_SHARED_SQL, in a statement of its own (its snapshot is taken once it holds
+# the lock): whether a source other than the parameter applies into the site.
+SOURCES_SQL: Final = "SELECT EXISTS (SELECT 1 FROM cdc_sync.sources WHERE source <> %s)"
+# Statements of one transaction registering the source given as parameter.
+REGISTER_SQL: Final = (
+    f"SELECT pg_advisory_xact_lock({LOCK_CLASS}::int4, {_REGISTRY}::int4)",
+    "INSERT INTO cdc_sync.sources (source) VALUES (%s) ON CONFLICT (source) DO NOTHING")
 _SEP: Final = "\x1f"
 
 

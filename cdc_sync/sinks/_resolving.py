@@ -10,11 +10,17 @@ deletes mixed, the same key any number of times — through the table's `Resolve
    timestamps); then their tombstones (read after the rows are locked, so a local delete that
    committed while we waited is seen as its tombstone).
 2. Decide in Python, change by change in order: each change sees the state the decisions
-   before it left for its key (`Decision.local_after` / `tombstone_after`).
+   before it left for its key (`Decision.local_after` / `tombstone_after`). Plain inserts and
+   updates are decided here without the resolver (`_plain_successors`).
 3. Write the net effect, one pipelined round trip: keys that end with a row we saw are
    upserted, keys that end with a row we did not see are inserted only if still absent, keys
    whose row we saw and that end without one are deleted; tombstones that changed are written
    or removed; every conflict goes into `cdc_sync.conflicts` in one statement.
+
+Commit-time LWW records each written row's source time in `cdc_sync.row_versions`
+(`needs_row_versions`) only while another source applies into the site: the first read of a
+target transaction also takes the source registry's lock shared and reads
+`cdc_sync.sources` (`_locks`), once per target transaction (`ResolveContext.shared_site`).
 
 A local writer can insert a key we saw absent before our insert reaches it: the insert then
 finds the row (`ON CONFLICT DO NOTHING`), and the changes of exactly those keys are decided
@@ -40,9 +46,10 @@ from psycopg import sql
 
 from ..changes import UNCHANGED_TOAST, Change, Op, Table, TxBegin
 from ..protocol import ReplicaIdentity
-from ..resolve import Clocks, Decision, Incoming, LocalRow, Resolver, Tombstone
+from ..resolve import Clocks, Decision, Incoming, LocalRow, PolicyResolver, Resolver, Tombstone
 from . import _sql
 from ._arrays import pack_columns, transpose
+from ._locks import REGISTRY_SHARED_SQL, SOURCES_SQL
 from ._rows import as_dict, key_dict, key_values
 from ._sql import SiteTable, rows_from
 
@@ -87,10 +94,28 @@ class ResolveContext(Protocol):
 
     def origin_names(self, cur: psycopg.Cursor[Any], idents: set[int]) -> dict[int, str]: ...
 
+    # Whether the site has the source registry (`cdc_sync.sources`), and whether a source
+    # other than ours applies into it as the open target transaction read it (None: not read
+    # yet; the writer forgets it at commit and rollback).
+    registry: bool
+    shared_site: bool | None
+
 
 # JSON for the bookkeeping tables travels as text (cast on the site): psycopg's dumping of
 # jsonb arrays cost a third of this path's client time.
 _json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_string = json.encoder.encode_basestring  # what _json uses (the C one)
+
+
+def _keys_json(names: Sequence[str], keys: Sequence[Key]) -> list[str]:
+    """Each key as `_json` of `{name: value}` (text values or None), built from the encoded
+    names once: the same text, a few times faster."""
+    if len(names) == 1:
+        head = "{" + _string(names[0]) + ":"
+        return [head + ("null" if v is None else _string(v)) + "}" for (v,) in keys]
+    heads = [_string(n) + ":" for n in names]
+    return ["{" + ",".join([h + ("null" if v is None else _string(v))
+                            for h, v in zip(heads, k, strict=True)]) + "}" for k in keys]
 
 
 def _json_or_null(value: Row | None) -> str | None:
@@ -268,12 +293,18 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
     names = table.key_columns if st.key == table.key else tuple(table.columns[i] for i in st.key)
     with_ts = ctx.track_commit_ts
     versions = with_ts and needs_row_versions(resolver)
-    key_json = [_json(dict(zip(names, k, strict=True))) for k in keys]
+    key_json = _keys_json(names, keys)
     columns = bool(getattr(resolver, "merge_columns", False))
-    with conn.cursor() as tcur, conn.cursor() as ccur:
+    # Row versions are written only while another source applies into the site (module
+    # docstring); the target transaction reads that once, under the registry lock.
+    probe = versions and ctx.registry and ctx.shared_site is None
+    with conn.cursor() as tcur, conn.cursor() as ccur, conn.cursor() as scur:
         with conn.pipeline():
             for query, params in first:
                 cur.execute(query, params)
+            if probe:
+                scur.execute(REGISTRY_SHARED_SQL)
+                scur.execute(SOURCES_SQL, (ctx.source,))
             if versions:
                 params, packed = _columns_param([*transpose(keys), key_json])
                 cur.execute(_local_rows_sql(st, with_ts, True, packed),
@@ -287,6 +318,9 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
         fetched = cur.fetchall()
         tomb_rows = tcur.fetchall()
         clock_rows = ccur.fetchall() if columns else []
+        if probe:
+            shared = scur.fetchone()
+            ctx.shared_site = bool(shared and shared[0])
     nk, nc = len(st.key), len(table.columns)
     idents = {r[-2] for r in fetched if r[-2]}  # (0: written locally, no origin)
     origins = ctx.origin_names(cur, idents) if idents else {}
@@ -310,7 +344,8 @@ def apply_resolved(ctx: ResolveContext, cur: psycopg.Cursor[Any], st: SiteTable,
     state = _State(seen, tombs_read, dict(zip(keys, key_json, strict=True)), clocks_read)
     conflicts = _decide(ctx, state, st, changes, begin, resolver)
     strategy = str(getattr(resolver, "strategy", ""))
-    raced = _write(ctx, cur, st, state, conflicts, strategy, versions)
+    raced = _write(ctx, cur, st, state, conflicts, strategy,
+                   versions and (ctx.shared_site or not ctx.registry))
     if raced:
         # Nothing of the raced keys was written (rows, tombstones, conflicts): decide their
         # changes again, now that their rows exist and we hold them.
@@ -336,11 +371,39 @@ def _decide(ctx: ResolveContext, state: _State, st: SiteTable, changes: Sequence
     fallback_ts = begin.commit_ts if begin else datetime.now().astimezone()
     conflicts: list[_Conflict] = []
     source = ctx.source
+    fast, by_time = _plain_successors(resolver)
+    ncols = len(table.columns)
     for ch in changes:
         ch_begin = ctx.begin_for(ch, begin)
         commit_ts = ch_begin.commit_ts if ch_begin else fallback_ts
         before = key_values(ch, key)
         new = ch.new
+        if fast and new is not None and (ch.old is None or (ch.old_is_key and not full)):
+            # The plain cases, decided here as the policy would (`_plain_successors`): an
+            # insert of a key with neither row nor tombstone, and an update of a row it
+            # plainly follows, keeping its key. No conflict: the incoming row is written.
+            op = ch.op
+            here = state.row(before)
+            if op is Op.INSERT:
+                plain = here is None and state.tomb(before) is None
+            else:
+                plain = (op is Op.UPDATE and here is not None
+                         and (here.origin == source
+                              or (by_time and here.commit_ts is not None
+                                  and commit_ts > here.commit_ts))
+                         and (ch.old is None or tuple([new[i] for i in key]) == before))
+            if plain:
+                row = as_dict(table, new)
+                assert row is not None
+                if here is not None and len(row) < ncols:  # unchanged TOAST: the site's value
+                    for column, value in here.values.items():
+                        row.setdefault(column, value)
+                state.rows[before] = LocalRow(row, commit_ts, source)
+                state.written[before] = None
+                if here is not None and state.tomb(before) is not None:
+                    state.tombs[before] = None
+                    state.tomb_changed[before] = None
+                continue
         unchanged = (frozenset(table.columns[i] for i, v in enumerate(new)
                                if v is UNCHANGED_TOAST)
                      if new is not None and UNCHANGED_TOAST in new else frozenset())
@@ -365,6 +428,21 @@ def _decide(ctx: ResolveContext, state: _State, st: SiteTable, changes: Sequence
                 _incoming_json(table, ch), decision.outcome, ch_begin))
         _apply_decision(state, st, ch, before, decision, incoming, ch_begin)
     return conflicts
+
+
+def _plain_successors(resolver: Resolver) -> tuple[bool, bool]:
+    """Whether `_decide` may decide plain inserts and updates itself, and whether a later
+    commit time makes an update plain (commit-time ordering), for `resolver`.
+
+    Only for the built-in policies without per-column merge; for them (`_policies`) an insert
+    meeting neither row nor tombstone is written as is, and an update without a full old row
+    (no values to compare, no counter deltas) meeting a row it succeeds — the same office
+    wrote that row, or, ordering by commit time, it committed later — is written with no
+    conflict whatever the strategy (`tests/sinks/test_plain_successors.py` checks the two
+    agree)."""
+    if type(resolver) is not PolicyResolver or resolver.merge_columns:
+        return False, False
+    return True, resolver.version_column is None
 
 
 def _incoming_json(table: Table, ch: Change) -> Row | None:

@@ -18,6 +18,8 @@ Contract:
   `cdc_sync.alembic_version` and compares it with the head found by reading the revision files
   (`light_head_revision`); alembic and SQLAlchemy (slow to import) are imported only when a
   migration may be needed, or when the revision files cannot be read that simply.
+- `register_source(conn, source)` lists `source` in `cdc_sync.sources` (the sources applying
+  into the site; see `_locks` and migration 0005).
 - A fresh site (no `cdc_sync.alembic_version`, and no schema `cdc_sync` or an empty one) is
   created without alembic too: `schema_head.sql` beside this module is what alembic's offline
   mode renders for base -> head (`render_head_sql`; regenerate it with
@@ -46,6 +48,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from cdc_sync.errors import SiteError, dsn_label, mask_dsn
 
+from ._locks import REGISTER_SQL
+
 if TYPE_CHECKING:  # alembic and SQLAlchemy are imported where used: they are slow to import
     from alembic.config import Config
     from sqlalchemy.engine import Connection, Engine
@@ -61,6 +65,7 @@ __all__ = [
     "make_engine",
     "migrate_site",
     "prepare_schema",
+    "register_source",
     "render_head_sql",
     "schema_version",
     "script_location",
@@ -414,6 +419,24 @@ def _reason(exc: BaseException) -> str:
     reason = re.sub(r"^(FATAL|ERROR):\s+", "", reason)
     return mask_dsn(reason or lines[0])
 
+def register_source(conn: psycopg.Connection[Any], source: str) -> bool:
+    """Record in `cdc_sync.sources` that `source` applies into this site (committed; a no-op
+    when it is there). Taken under the registry lock (`_locks`): waits for the resolving
+    target transactions in flight. False: the site's schema predates the registry (revision
+    0005; `cdc-sync init` migrates it), nothing done."""
+    try:
+        row = conn.execute("SELECT 1 FROM cdc_sync.sources WHERE source = %s",
+                           (source,)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        conn.rollback()
+        return False
+    if row is None:
+        conn.execute(REGISTER_SQL[0])
+        conn.execute(REGISTER_SQL[1], (source,))
+    conn.commit()
+    return True
+
+
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m cdc_sync.sinks.schema --render-head-sql [--check]`."""
@@ -438,3 +461,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -246,5 +246,19 @@ CREATE OR REPLACE FUNCTION cdc_sync.record_column_versions() RETURNS trigger
 
 UPDATE cdc_sync.alembic_version SET version_num='0004' WHERE cdc_sync.alembic_version.version_num = '0003';
 
+-- Running upgrade 0004 -> 0005
+
+CREATE TABLE cdc_sync.sources (
+    source TEXT NOT NULL, 
+    registered_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+    PRIMARY KEY (source)
+);
+
+COMMENT ON TABLE cdc_sync.sources IS 'every source whose replicator applies into this site (cdc-sync init and run register it)';
+
+INSERT INTO cdc_sync.sources (source) SELECT source FROM cdc_sync.progress;
+
+UPDATE cdc_sync.alembic_version SET version_num='0005' WHERE cdc_sync.alembic_version.version_num = '0004';
+
 COMMIT;
 

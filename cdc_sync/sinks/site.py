@@ -52,11 +52,18 @@ from ..protocol import (
 from . import _sql
 from ._ahead import AheadPipe, Outcome, Statement, dollar_params
 from ._arrays import pack_columns, transpose
-from ._locks import LOCK_CLASS, LOCK_SQL, all_buckets, bucket_of, missing_sorted
+from ._locks import (
+    LOCK_CLASS,
+    LOCK_SQL,
+    all_buckets,
+    bucket_of,
+    missing_sorted,
+)
 from ._plan import NEW_OF, OLD_OF, Run, by_table, one_table, per_chunk, plan_runs, sent_columns
 from ._resolving import apply_resolved, resolved_keys
 from ._rows import describe_change, key_dict
 from ._sql import SiteTable
+from .schema import register_source
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +224,13 @@ class SiteWriter:
         # Set by the worker while a connection of its own holds every bucket (a streamed
         # transaction): other replicators are kept out by that one.
         self.locks_exempt = False
+        # Whether another source applies into this site (`_resolving`: row versions), as read
+        # by the open target transaction; None: not read yet.
+        self.shared_site: bool | None = None
         if self.opts.origin:
             self._setup_origin(self.opts.origin)
+        # Without the registry every source is taken as sharing the site.
+        self.registry = register_source(conn, source)
 
     # -- replication origin -------------------------------------------------------------------
     def _setup_origin(self, name: str) -> None:
@@ -280,6 +292,7 @@ class SiteWriter:
         self._forget_locks()
 
     def _forget_locks(self) -> None:
+        self.shared_site = None
         self._held = set()
         self._all_locked = False
         self._lock_first = []

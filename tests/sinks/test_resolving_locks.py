@@ -24,7 +24,7 @@ from cdc_sync.protocol import Lsn, ReplicaIdentity
 from cdc_sync.resolve import make_resolver
 from cdc_sync.sessions import connect_site
 from cdc_sync.sinks._locks import BUCKETS, bucket_of
-from cdc_sync.sinks.schema import migrate_site
+from cdc_sync.sinks.schema import migrate_site, register_source
 from cdc_sync.sinks.site import SiteOptions, SiteWriter
 
 ITEM = Table(16384, "public", "item", ("id", "qty", "v"), (23, 23, 23), (-1, -1, -1), (0,),
@@ -206,3 +206,65 @@ def test_grouped_transactions_keep_each_rows_commit_time(site: str) -> None:
     finally:
         a.conn.close()
         b.conn.close()
+
+
+def test_row_versions_only_while_another_source_applies(site: str) -> None:
+    """Alone in the site, a commit-time LWW replicator writes no row versions: every row it
+    meets was written by itself (its stream is ordered) or locally (dated by its own commit).
+    Once a second source is registered, its next target transaction writes them."""
+    a = _commit_ts_writer(site, "a")
+    base = datetime.now(UTC) + timedelta(days=1)
+    try:
+        t1, t2, t5, t6 = (TxBegin(n, Lsn(0x1000 + n), base + timedelta(seconds=n), None)
+                          for n in (1, 2, 5, 6))
+        a.begin()
+        a.apply_segments([(t1, [_set(1, 1, 0)]), (t2, [_set(2, 2, 0)])], final=True)
+        a.commit(Lsn(0x1002), t2.commit_ts)
+        assert scalar(site, "SELECT count(*) FROM cdc_sync.row_versions") == 0
+        assert scalar(site, "SELECT array_agg(source) FROM cdc_sync.sources") == ["a"]
+        with connect(site) as conn:
+            register_source(conn, "b")
+        a.begin()
+        a.apply_segments([(t5, [_set(1, 5, 0)]), (t6, [_set(2, 6, 0)])], final=True)
+        a.commit(Lsn(0x1006), t6.commit_ts)
+        assert scalar(site, "SELECT count(*) FROM cdc_sync.row_versions") == 2
+    finally:
+        a.conn.close()
+
+
+def test_a_registration_waits_for_resolving_transactions_in_flight(site: str) -> None:
+    """A target transaction that read the registry without the new source holds it shared:
+    the registration waits for its commit, so no row written without its version can meet
+    a change of the new source (whose slot is made after it registered)."""
+    a = _commit_ts_writer(site, "a")
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def register() -> None:
+        try:
+            with connect(site) as conn:
+                register_source(conn, "b")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    try:
+        a.begin()
+        a.apply([_set(1, 1, 0)], _begin(1), final=False)
+        t = threading.Thread(target=register)
+        t.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not scalar(
+                site, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND NOT granted"):
+            time.sleep(0.05)
+        assert not done.is_set(), "the registration went through a transaction in flight"
+        a.apply([_set(2, 2, 0)], _begin(1), final=True)
+        a.commit(Lsn(0x1100), _begin(1).commit_ts)
+        t.join(30)
+        assert done.is_set() and not errors, errors
+        assert scalar(site, "SELECT count(*) FROM cdc_sync.row_versions") == 0
+        assert scalar(site, "SELECT count(*) FROM cdc_sync.sources") == 2
+    finally:
+        a.conn.close()
