@@ -270,6 +270,13 @@ class Assembler:
         self.stream_origins.clear()
         self.tables.clear()
 
+    def _relation(self, msg: Relation) -> None:
+        # An unchanged Relation keeps its Table object: the sites cache their description of a
+        # table by that object, and the bus repeats every Relation in every message.
+        table = Table.from_relation(msg)
+        if self.tables.get(msg.oid) != table:
+            self.tables[msg.oid] = table
+
     def feed(self, msg: PgOutputMessage, size: int = 0) -> list[TxItem]:
         """Take one message (`size`: its encoded length, bounding chunks by bytes too)."""
         cls = type(msg)
@@ -288,7 +295,7 @@ class Assembler:
             self._begin, self._origin, self._begun, self._position = msg, None, False, 0
             return out
         if isinstance(msg, Relation):
-            self.tables[msg.oid] = Table.from_relation(msg)
+            self._relation(msg)
             return out
         if isinstance(msg, Type):
             self.types[msg.oid] = msg
@@ -422,7 +429,7 @@ class Assembler:
             self._block_xid = None
             return out
         if isinstance(msg, Relation):
-            self.tables[msg.oid] = Table.from_relation(msg)
+            self._relation(msg)
         elif isinstance(msg, Type):
             self.types[msg.oid] = msg
         elif isinstance(msg, Origin):

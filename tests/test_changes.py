@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -255,3 +256,18 @@ def test_reset_forgets_the_open_transaction_and_relations() -> None:
     assert tx.begin == TxBegin(7, Lsn(0x100), pg_timestamp_to_datetime(0), None)
     assert tx.changes == (Change(Op.INSERT, 0, assembler.tables[ITEMS.oid], new=ROW.new),)
     assert tx.commit == TxCommit(Lsn(0x100), Lsn(0x128), pg_timestamp_to_datetime(0))
+
+
+def test_a_relation_sent_again_unchanged_keeps_its_table() -> None:
+    # The sites cache their description of a table by its Table object; the bus repeats the
+    # Relation in every message, and a new object each time made every transaction describe
+    # the site's table again (a catalog round trip per transaction).
+    assembler = Assembler()
+    assembler.feed(ITEMS)
+    table = assembler.tables[ITEMS.oid]
+    assembler.feed(dataclasses.replace(ITEMS))
+    assert assembler.tables[ITEMS.oid] is table
+    renamed = dataclasses.replace(ITEMS, name="items2")
+    assembler.feed(renamed)
+    assert assembler.tables[ITEMS.oid] is not table
+    assert assembler.tables[ITEMS.oid].name == "items2"

@@ -201,10 +201,18 @@ class BusClient:
 
     async def _publish(self, chunks: Sequence[Chunk]) -> list[concurrent.futures.Future[int]]:
         out: list[concurrent.futures.Future[int]] = []
+        # While the client reconnects, nats-py would buffer publishes until its outbound
+        # buffer overflows: a transient bus outage, one line, and capture reads them again.
+        if self._nc is None or not self._nc.is_connected:
+            raise BusError(f"bus: not connected to {self.where}")
         for chunk in chunks:
-            ack = await self._js.publish_async(self.subject, chunk.body(),
-                                               headers=chunk.headers(),
-                                               wait_stall=REQUEST_TIMEOUT)
+            try:
+                ack = await self._js.publish_async(self.subject, chunk.body(),
+                                                   headers=chunk.headers(),
+                                                   wait_stall=REQUEST_TIMEOUT)
+            except Exception as exc:  # nats-py's kinds: buffer full, disconnected, stalled
+                raise BusError(f"bus: publishing to {self.where} failed: "
+                               f"{_one_line(exc)}") from None
             done: concurrent.futures.Future[int] = concurrent.futures.Future()
             ack.add_done_callback(lambda f, done=done: _settle(f, done))
             out.append(done)

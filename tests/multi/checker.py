@@ -136,6 +136,9 @@ class Scenario:
     budgets: int = 5
     faults: bool = True
     final_gap: float = 0.06
+    # A NATS JetStream URL: every office's `cdc-sync run` goes through the bus (`[bus]`: its
+    # own stream, capture and appliers in that process), as `tests/bus/test_bus_mesh.py` runs.
+    bus: str | None = None
 
     def conflicts(self) -> dict[str, Any]:
         tables: dict[str, Any] = {"public.budgets": {"counters": ["spent"]}}
@@ -146,7 +149,8 @@ class Scenario:
         return {"strategy": "lww", "tables": tables}
 
     def __str__(self) -> str:
-        return (f"seed {self.seed} ({SEED_ENV}={self.seed} reruns it): lww on "
+        return (f"seed {self.seed} ({SEED_ENV}={self.seed} reruns it): "
+                f"{'through NATS, ' if self.bus else ''}lww on "
                 f"{ORDERED_BY[self.strategy]}, "
                 f"REPLICA IDENTITY {self.identity.upper()}, {self.seconds:g} s, "
                 f"{self.writers} writers per office, {self.keys} keys")
@@ -234,11 +238,14 @@ class Gate:
 class Replicators:
     """One `cdc-sync run` subprocess per office (its own source, the others as sites)."""
 
-    def __init__(self, offices: Sequence[Office], conflicts: dict[str, Any], tmp: Path) -> None:
+    def __init__(self, offices: Sequence[Office], conflicts: dict[str, Any], tmp: Path,
+                 bus: str | None = None) -> None:
         self.settings: dict[str, Settings] = {}
         self.procs: dict[str, CliProcess] = {}
         for o in offices:
             data = office_config(o, [p for p in offices if p is not o], conflicts=conflicts)
+            if bus is not None:
+                data["bus"] = {"kind": "nats", "url": bus}
             self.settings[o.name] = settings_from_dict(data)
             self.procs[o.name] = CliProcess(write_config(tmp / f"{o.name}.toml", data))
 
@@ -430,7 +437,7 @@ def run(sc: Scenario, offices: Sequence[Office], tmp: Path) -> None:
     if sc.identity == "full":
         for o in offices:
             o.execute("ALTER TABLE grants REPLICA IDENTITY FULL")
-    reps = Replicators(offices, sc.conflicts(), tmp)
+    reps = Replicators(offices, sc.conflicts(), tmp, sc.bus)
     try:
         reps.init()
         reps.start()
