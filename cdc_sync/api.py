@@ -8,6 +8,10 @@ Contract:
   only those are ever converted and dispatched (default: everything).
 - `start()` runs the whole pipeline (source → sites, outbox) in a background thread with this
   object as an in-process listener; `stop()` stops it and waits; also a context manager.
+- With a `[bus]` section, `start()` runs no pipeline: it reads the source's JetStream stream
+  from its end (`cdc_sync.bus.listener`), so an application on any machine that reaches the
+  bus gets the same events in the same order while capture runs elsewhere (`cdc-sync capture`,
+  or `run` with `[bus]`). The rest of this contract holds as written.
 - `subscribe(pattern, handler) -> unsubscribe`: `handler(event: ChangeEvent)` for every event
   whose topic matches `pattern` (fnmatch, case-sensitive). Handlers run on the pipeline's
   listener thread for this object, one event at a time, in source commit order, in
@@ -177,7 +181,12 @@ class RealTimeSync:
         with self._lock:
             if self._thread is not None:
                 raise RuntimeError("RealTimeSync already started")
-            self._pipeline = Pipeline(self.settings, listeners=[self._on_item])
+            if self.settings.bus is not None:
+                from .bus.listener import BusListener
+
+                self._pipeline = BusListener(self.settings, self._on_item)
+            else:
+                self._pipeline = Pipeline(self.settings, listeners=[self._on_item])
             self._thread = threading.Thread(target=self._run, name="cdc_sync-realtime",
                                             daemon=True)
             self._thread.start()

@@ -43,6 +43,8 @@ from .protocol import ProtocolError
 if TYPE_CHECKING:  # rich's progress bars and live views are imported by what shows them
     from rich.progress import ProgressColumn, TaskID
 
+    from .metrics import Metrics
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PostgreSQL change-data-capture: one source, many sites, exactly once.")
 dead_letters_app = typer.Typer(help="Changes a site rejected: list them, or retry them.")
@@ -264,6 +266,10 @@ def run(
     if metrics_port is None:
         _guard(lambda: commands.run(settings))
         return
+    if settings.bus is not None:
+        _with_metrics(metrics_port, metrics_host,
+                      lambda m: commands.run_bus(settings, metrics=m))
+        return
     from .metrics import Metrics, serve_metrics
     from .pipeline import Pipeline
 
@@ -284,13 +290,41 @@ def run(
         server.close()
 
 
+def _with_metrics(port: int | None, host: str, verb: Callable[["Metrics | None"], None]) -> None:
+    """Run `verb` with a `Metrics` served on host:port (or with None when no port)."""
+    if port is None:
+        _guard(lambda: verb(None))
+        return
+    from .metrics import Metrics, serve_registry
+
+    metrics = Metrics()
+    try:
+        server = serve_registry(metrics, port, host)
+    except OSError as exc:
+        if _state["debug"]:
+            raise
+        _fail(f"metrics: cannot listen on {host}:{port}: {exc.strerror or exc}")
+    try:
+        _guard(lambda: verb(metrics))
+    finally:
+        server.close()
+
+
+MetricsPortOpt = Annotated[int | None, typer.Option(
+    "--metrics-port", min=0, max=65535, help="serve Prometheus metrics on this port (/metrics)")]
+MetricsHostOpt = Annotated[str, typer.Option(
+    "--metrics-host", help="address the metrics endpoint listens on")]
+
+
 @app.command()
-def capture(config: ConfigOpt = None) -> None:
+def capture(config: ConfigOpt = None, metrics_port: MetricsPortOpt = None,
+            metrics_host: MetricsHostOpt = "127.0.0.1") -> None:
     """Read the slot into the bus ([bus]) until SIGINT/SIGTERM; sites apply with `apply`."""
     if not _state["log_level_given"] and not _state["debug"]:
         logging.getLogger().setLevel(logging.INFO)
     settings = _settings(config)
-    _guard(lambda: commands.capture(settings))
+    _with_metrics(metrics_port, metrics_host,
+                  lambda m: commands.capture(settings, metrics=m))
 
 
 @app.command("apply")
@@ -298,12 +332,15 @@ def apply_cmd(
     config: ConfigOpt = None,
     site: Annotated[list[str] | None, typer.Option(
         "--site", help="a site to apply to (repeatable; default: every site in the file)")] = None,
+    metrics_port: MetricsPortOpt = None,
+    metrics_host: MetricsHostOpt = "127.0.0.1",
 ) -> None:
     """Apply the bus ([bus]) to sites until SIGINT/SIGTERM."""
     if not _state["log_level_given"] and not _state["debug"]:
         logging.getLogger().setLevel(logging.INFO)
     settings = _settings(config)
-    _guard(lambda: commands.apply(settings, site or None))
+    _with_metrics(metrics_port, metrics_host,
+                  lambda m: commands.apply(settings, site or None, metrics=m))
 
 
 def _connector_status_fn(settings: Settings) -> Callable[[], list[dict[str, Any]]] | None:

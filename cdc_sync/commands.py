@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
+from .bus._format import BUS_MESSAGE_OP
 from .config import Settings, SiteSettings, table_matches
 from .errors import CdcSyncError, ConfigError, SiteError, SourceError
 from .protocol import Lsn
@@ -32,6 +33,10 @@ from .source.snapshot import begin_snapshot, check_slot_name, copy_table, export
 from .source.stream import describe_connect_error
 
 if TYPE_CHECKING:  # the pipeline and the connectors are imported by the verbs that use them
+    from .bus.applier import BusApplier
+    from .bus.capture import Capture
+    from .bus.metrics import BusCollector
+    from .metrics import Metrics
     from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -494,7 +499,8 @@ def _on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def capture(settings: Settings, *, install_signals: bool = True) -> None:
+def capture(settings: Settings, *, install_signals: bool = True,
+            metrics: Metrics | None = None) -> None:
     """`cdc-sync capture`: the slot into the bus until SIGINT/SIGTERM (`cdc_sync.bus`)."""
     from .bus.capture import Capture
     from .bus.client import BusClient
@@ -511,16 +517,30 @@ def capture(settings: Settings, *, install_signals: bool = True) -> None:
         raise
     cap = Capture(settings, client=client)
     cap.bus_connected = True
+    collector = _bind_bus_metrics(metrics, cap, None)
     if install_signals:
         _on_signals(cap.stop)
     try:
         cap.run()
     finally:
         client.close()
+        if collector is not None:
+            collector.close()
+
+
+def _bind_bus_metrics(metrics: Metrics | None, cap: Capture | None,
+                      applier: BusApplier | None) -> BusCollector | None:
+    if metrics is None:
+        return None
+    from .bus.metrics import BusCollector
+
+    collector = BusCollector(cap, applier)
+    metrics.bind_collector(collector)
+    return collector
 
 
 def apply(settings: Settings, sites: Sequence[str] | None = None, *,
-          install_signals: bool = True) -> None:
+          install_signals: bool = True, metrics: Metrics | None = None) -> None:
     """`cdc-sync apply`: the bus into `sites` (default: all) until SIGINT/SIGTERM."""
     from .bus.applier import BusApplier
 
@@ -528,13 +548,16 @@ def apply(settings: Settings, sites: Sequence[str] | None = None, *,
         raise ConfigError("apply needs a [bus] section (kind, url) in the configuration")
     for name in sites or ():
         settings.site(name)  # an unknown site: one line naming the known ones
-    applier = BusApplier(settings, sites)
+    applier = BusApplier(settings, sites,
+                         on_applied=metrics.on_applied if metrics is not None else None)
+    _bind_bus_metrics(metrics, None, applier)
     if install_signals:
         _on_signals(applier.stop)
     applier.run()
 
 
-def run_bus(settings: Settings, *, install_signals: bool = True) -> None:
+def run_bus(settings: Settings, *, install_signals: bool = True,
+            metrics: Metrics | None = None) -> None:
     """`cdc-sync run` with `[bus]`: capture and the appliers of every site in one process."""
     from .bus.applier import BusApplier
     from .bus.capture import Capture
@@ -543,7 +566,9 @@ def run_bus(settings: Settings, *, install_signals: bool = True) -> None:
     check_runnable(settings)
     sys.setswitchinterval(min(sys.getswitchinterval(), RUN_SWITCH_INTERVAL))
     cap = Capture(settings)
-    applier = BusApplier(settings)
+    applier = BusApplier(settings,
+                         on_applied=metrics.on_applied if metrics is not None else None)
+    collector = _bind_bus_metrics(metrics, cap, applier)
 
     def stop() -> None:
         cap.stop()
@@ -563,6 +588,8 @@ def run_bus(settings: Settings, *, install_signals: bool = True) -> None:
         stop_connectors.set()
         for r in runners:
             r.join(timeout=30)
+        if collector is not None:
+            collector.close()
 
 
 # -- status ------------------------------------------------------------------------------
@@ -776,7 +803,8 @@ def retry_dead_letters(settings: Settings, *, site: str | None = None, ids: list
 
     For each unresolved dead letter (or those in `ids`) the row with its key is read from the
     source now; if it exists it is upserted on the site, else the site's row is deleted. A
-    success marks the dead letter resolved; a failure records the new error.
+    success marks the dead letter resolved; a failure records the new error. A bus message
+    that was not ours (op `bus_message`) has nothing to re-apply: retrying resolves it.
     """
     reports: dict[str, RetryReport] = {}
     with connect_source(settings.source.dsn) as src:
@@ -784,13 +812,14 @@ def retry_dead_letters(settings: Settings, *, site: str | None = None, ids: list
             report = reports.setdefault(s.name, RetryReport())
             with connect_site_checked(s) as conn:
                 rows = conn.execute(
-                    "SELECT id, table_name, key FROM cdc_sync.dead_letters WHERE NOT resolved "
+                    "SELECT id, table_name, key, op FROM cdc_sync.dead_letters WHERE NOT resolved "
                     "AND source = %s AND (%s::bigint[] IS NULL OR id = ANY(%s)) ORDER BY id",
                     (settings.source.name, ids, ids)).fetchall()
                 conn.commit()
-                for dl_id, table_name, key in rows:
+                for dl_id, table_name, key, op in rows:
                     try:
-                        _resync_key(src, conn, table_name, key)
+                        if op != BUS_MESSAGE_OP:  # a bus message not ours: nothing to re-apply
+                            _resync_key(src, conn, table_name, key)
                         conn.execute("UPDATE cdc_sync.dead_letters SET resolved = true, "
                                      "retried_at = now() WHERE id = %s", (dl_id,))
                         conn.commit()

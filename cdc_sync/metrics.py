@@ -34,7 +34,8 @@ Contract:
   (a new `Metrics` unless given) and serves `/metrics` over HTTP on a daemon thread
   (`prometheus_client.start_http_server`); it returns a `MetricsServer` with the bound `port`
   (useful with port 0) and `close()`. It listens on loopback by default: pass
-  `host="0.0.0.0"` deliberately (a container) to expose it.
+  `host="0.0.0.0"` deliberately (a container) to expose it. `serve_registry(metrics, port,
+  host)` serves a `Metrics` bound later (`bind_collector`: `cdc_sync.bus.metrics`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ if TYPE_CHECKING:
     from .sinks.worker import SiteWorker
 
 __all__ = ["APPLY_BUCKETS", "Metrics", "MetricsServer", "PipelineCollector", "serve_metrics",
-           "site_lag"]
+           "serve_registry", "site_lag"]
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class Metrics:
         self.apply_batch_seconds = Histogram(
             "cdc_sync_apply_batch_seconds", "Seconds per target transaction applied at the site",
             ["site"], registry=self.registry, buckets=APPLY_BUCKETS)
-        self._collector: PipelineCollector | None = None
+        self._collector: Collector | None = None
         self._lock = threading.Lock()
 
     def on_applied(self, worker: SiteWorker, n_changes: int, seconds: float) -> None:
@@ -167,11 +168,15 @@ class Metrics:
 
     def bind(self, pipeline: Pipeline, connectors: ConnectorStatus | None = None) -> None:
         """Expose `pipeline`'s state (once per `Metrics`)."""
+        self.bind_collector(PipelineCollector(pipeline, connectors))
+
+    def bind_collector(self, collector: Collector) -> None:
+        """Expose what `collector` reads (the bus path's `BusCollector`; once per `Metrics`)."""
         with self._lock:
             if self._collector is not None:
                 raise RuntimeError("Metrics is already bound to a pipeline")
-            self._collector = PipelineCollector(pipeline, connectors)
-            self.registry.register(self._collector)
+            self._collector = collector
+            self.registry.register(collector)
 
 
 @dataclass
@@ -207,6 +212,11 @@ def serve_metrics(pipeline: Pipeline, port: int, host: str = "127.0.0.1", *,
     `OSError` (port in use, no such address) propagates; the CLI turns it into one line."""
     metrics = metrics if metrics is not None else Metrics()
     metrics.bind(pipeline, connectors)
+    return serve_registry(metrics, port, host)
+
+
+def serve_registry(metrics: Metrics, port: int, host: str = "127.0.0.1") -> MetricsServer:
+    """Serve `metrics`' registry as it is and as it gets bound (`Metrics.bind_collector`)."""
     started = time.monotonic()
     server, thread = start_http_server(port, addr=host, registry=metrics.registry)
     log.info("serving metrics on %s:%d/metrics (%.0f ms)", host, server.server_port,

@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CHUNK_BYTES", "CHUNK_ROWS", "FORMAT_VERSION", "MAGIC", "BusFormatError", "Chunk",
-           "Chunker", "decode_body", "encode_body", "msg_id"]
+__all__ = ["BUS_MESSAGE_OP", "CHUNK_BYTES", "CHUNK_ROWS", "FORMAT_VERSION", "MAGIC",
+           "BusFormatError", "Chunk", "Chunker", "decode_body", "encode_body", "msg_id"]
 
 MAGIC: Final = b"CDC1"
 FORMAT_VERSION: Final = "1"
+BUS_MESSAGE_OP: Final = "bus_message"  # a site's dead letter for a stream message not ours
 CHUNK_ROWS: Final = 2000
 CHUNK_BYTES: Final = 512 * 1024
 

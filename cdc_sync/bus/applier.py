@@ -14,8 +14,9 @@ Contract:
 - When the messages a site needs were already discarded by the stream's retention, the site
   is `needs_resync` (status, log, never skipped silently) and nothing more is applied to it
   until `cdc-sync init` re-copies it.
-- A message that is not ours, or of a newer format, is logged with its sequence and skipped
-  (counted in `bad_messages`); it never stops the feed.
+- A message that is not ours, or of a newer format, is logged with its sequence, recorded once
+  in the site's dead letters (op `bus_message`, the stream and sequence in `row_data`) and
+  skipped (counted in `bad_messages`); it never stops the feed.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import psycopg
+from psycopg.types.json import Jsonb
 
-from ..changes import DEFAULT_CHUNK_SIZE, Assembler, TxItem
+from ..changes import DEFAULT_CHUNK_SIZE, Assembler, TxCommit, TxItem
 from ..config import Settings, SiteSettings
 from ..errors import CdcSyncError
 from ..protocol import ROW_TAGS, Lsn, decode_message
 from ..sessions import connect_site
 from ..sinks.worker import ItemBatch, SiteWorker
 from ._format import (
+    BUS_MESSAGE_OP,
     FORMAT_VERSION,
     HEADER_CHUNK,
     HEADER_FORMAT,
@@ -42,7 +45,7 @@ from ._format import (
     BusFormatError,
     decode_body,
 )
-from .client import BusClient, BusError, BusState
+from .client import BusClient, BusError, BusMessage, BusState
 
 __all__ = ["BusApplier", "SiteFeed", "find_start"]
 
@@ -52,6 +55,10 @@ FETCH_BATCH: Final = 256
 FETCH_TIMEOUT: Final = 0.5
 RESTART_INITIAL: Final = 0.5
 RESYNC_CHECK_SECONDS: Final = 3.0
+_DEAD_LETTER_SQL: Final = (
+    "INSERT INTO cdc_sync.dead_letters (source, op, row_data, error) "
+    "SELECT %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM cdc_sync.dead_letters "
+    "WHERE source = %s AND op = %s AND row_data @> %s)")
 
 
 def _tx_of(headers: dict[str, str] | None) -> int | None:
@@ -102,6 +109,7 @@ class SiteFeed(threading.Thread):
         self._discarded: set[int] = set()  # sequences of partial transactions
         self.needs_resync = False
         self.bad_messages = 0
+        self.received_lsn = Lsn(0)  # the end of the last whole transaction read (metrics)
         self.last_error: str | None = None
 
     def stop(self) -> None:
@@ -158,10 +166,7 @@ class SiteFeed(threading.Thread):
                         continue
                     h = msg.headers
                     if h.get(HEADER_FORMAT) != FORMAT_VERSION or HEADER_CHUNK not in h:
-                        self.bad_messages += 1
-                        log.error("site %s: stream %s message %d is not a cdc-sync message of "
-                                  "format %s: skipped", worker.site, self.client.stream, msg.seq,
-                                  FORMAT_VERSION)
+                        self._dead_letter(msg)
                         continue
                     chunk = int(h[HEADER_CHUNK])
                     if chunk == 0 and assembler.in_transaction:
@@ -179,9 +184,35 @@ class SiteFeed(threading.Thread):
                         tx_first = msg.seq
                     items.extend(self._feed(assembler, msg.data))
                 if items:
+                    last = items[-1]
+                    if isinstance(last, TxCommit):
+                        self.received_lsn = max(self.received_lsn, last.end_lsn)
                     self._deliver(ItemBatch.of(items))
         finally:
             consumer.close()
+
+    def _dead_letter(self, msg: BusMessage) -> None:
+        """Set aside a message that is not ours (or of another format): counted, logged with
+        its sequence and recorded in the site's dead letters once (a feed that starts again
+        meets it again)."""
+        self.bad_messages += 1
+        worker, stream = self.worker, self.client.stream
+        fmt = msg.headers.get(HEADER_FORMAT)
+        why = (f"stream {stream} message {msg.seq} is not a cdc-sync message" if fmt is None
+               else f"stream {stream} message {msg.seq} has format {fmt[:20]!r}, this "
+                    f"cdc-sync reads {FORMAT_VERSION!r} (upgrade the appliers)")
+        log.error("site %s: %s: skipped, see `cdc-sync dead-letters`", worker.site, why)
+        what = Jsonb({"stream": stream, "seq": msg.seq})
+        row = Jsonb({"stream": stream, "seq": msg.seq, "bytes": len(msg.data),
+                     "headers": {k: v[:200] for k, v in list(msg.headers.items())[:20]}})
+        try:
+            with connect_site(worker.dsn) as conn:
+                conn.execute(_DEAD_LETTER_SQL, (worker.source, BUS_MESSAGE_OP, row, why,
+                                                worker.source, BUS_MESSAGE_OP, what))
+                conn.commit()
+        except psycopg.Error as exc:
+            log.warning("site %s: cannot record the dead letter: %s", worker.site,
+                        " ".join(str(exc).split()))
 
     def _reread_progress(self) -> None:
         worker = self.worker

@@ -116,18 +116,40 @@ class BusClient:
         if bus.tls_ca_file:
             options["tls"] = ssl.create_default_context(cafile=bus.tls_ca_file)
 
-        async def quiet(_exc: Exception) -> None:
-            return None
+        refused: list[Exception] = []
 
-        options["error_cb"] = quiet
+        async def on_error(exc: Exception) -> None:
+            # nats-py reconnects after everything, a refused login too: that one is final.
+            if not refused and _is_auth_error(exc):
+                refused.append(exc)
+
+        options["error_cb"] = on_error
+        task = asyncio.ensure_future(_first_connect(nats, options))
+        deadline = asyncio.get_running_loop().time() + CONNECT_TIMEOUT
         try:
-            self._nc = await asyncio.wait_for(_first_connect(nats, options), CONNECT_TIMEOUT)
+            while not task.done():
+                if refused:
+                    task.cancel()
+                    raise BusError(f"bus: {self.where} refused the credentials: "
+                                   f"{_one_line(refused[0])}")
+                if asyncio.get_running_loop().time() > deadline:
+                    task.cancel()
+                    raise TimeoutError
+                await asyncio.wait([task], timeout=0.05)
+            self._nc = task.result()
         except TimeoutError:
             raise BusError(f"bus: cannot reach {self.where} within {CONNECT_TIMEOUT:g} s") from None
+        except BusError:
+            raise
         except Exception as exc:  # nats-py raises several kinds; one line each
             raise BusError(f"bus: cannot connect to {self.where}: {_one_line(exc)}") from None
         self._js = self._nc.jetstream(timeout=REQUEST_TIMEOUT,
                                       publish_async_max_pending=MAX_PENDING_PUBLISHES)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the bus is up now (nats-py reconnects on its own)."""
+        return self._nc is not None and bool(self._nc.is_connected)
 
     def close(self) -> None:
         if self._nc is not None:
@@ -270,9 +292,14 @@ async def _first_connect(nats: Any, options: dict[str, Any]) -> Any:
         try:
             return await nats.connect(**options)
         except Exception as exc:
-            if "Authorization" in str(exc) or "authorization" in str(exc):
+            if _is_auth_error(exc):
                 raise
             await asyncio.sleep(0.5)
+
+
+def _is_auth_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "authorization" in text or "authentication" in text
 
 
 def _settle(ack: asyncio.Future[Any], done: concurrent.futures.Future[int]) -> None:

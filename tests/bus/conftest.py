@@ -36,9 +36,10 @@ class NatsServer:
     """A JetStream server in its own store directory; `stop()`/`start()` restart it on the
     same port and store (a restart mid-load)."""
 
-    def __init__(self, binary: str, store: Path) -> None:
+    def __init__(self, binary: str, store: Path, *args: str) -> None:
         self.binary = binary
         self.store = store
+        self.args = args  # more options: authorization, say
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -49,7 +50,8 @@ class NatsServer:
     def start(self) -> None:
         log = (self.store / "server.log").open("ab")
         self.proc = subprocess.Popen(
-            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store)],
+            [self.binary, "-js", "-a", "127.0.0.1", "-p", str(self.port), "-sd", str(self.store),
+             *self.args],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -33,7 +33,7 @@ from integration.helpers import (
 )
 
 from cdc_sync import commands
-from cdc_sync.bus._format import Chunker
+from cdc_sync.bus._format import HEADER_CHUNK, HEADER_FORMAT, Chunker
 from cdc_sync.bus.applier import BusApplier
 from cdc_sync.bus.capture import Capture
 from cdc_sync.bus.client import BusClient, BusError, BusState
@@ -41,7 +41,7 @@ from cdc_sync.config import Settings, settings_from_dict
 from cdc_sync.errors import ConfigError
 from cdc_sync.protocol import Lsn
 
-from .conftest import NatsServer
+from .conftest import NatsServer, nats_binary
 
 
 def bus_settings(env: Env, server: NatsServer, **bus: Any) -> Settings:
@@ -230,13 +230,78 @@ def test_a_foreign_message_is_skipped_and_counted(env: Env, nats_server: NatsSer
 
             async def junk() -> None:
                 await client._js.publish(client.subject, b"hello")
+                # a message of a newer cdc-sync's format
+                await client._js.publish(client.subject, b"CDC2...",
+                                         headers={HEADER_FORMAT: "2", HEADER_CHUNK: "0"})
 
             client._run(junk())
             client.close()
             execute(env.source, "INSERT INTO t SELECT generate_series(6, 10)")
             wait_applied(settings)
-            assert [f.bad_messages for f in applier.feeds] == [1, 1]
-    assert_same_tables(env.source, env.sites, ["public.t"], min_rows=10)
+            assert [f.bad_messages for f in applier.feeds] == [2, 2]
+            for feed in applier.feeds:  # met again by a feed that starts over: recorded once
+                feed.restart()
+            execute(env.source, "INSERT INTO t SELECT generate_series(11, 15)")
+            wait_applied(settings)
+    assert_same_tables(env.source, env.sites, ["public.t"], min_rows=15)
+    for site in env.sites:
+        with connect(site) as conn:
+            rows = conn.execute("SELECT op, row_data->>'seq', error FROM cdc_sync.dead_letters "
+                                "ORDER BY id").fetchall()
+        assert [r[0] for r in rows] == ["bus_message", "bus_message"]
+        seqs = [int(r[1]) for r in rows]
+        assert seqs[1] == seqs[0] + 1
+        assert f"message {seqs[0]} is not a cdc-sync message" in rows[0][2]
+        assert "has format '2', this cdc-sync reads '1'" in rows[1][2]
+    reports = commands.retry_dead_letters(settings)
+    assert all(len(r.resolved) == 2 and not r.failed for r in reports.values())
+
+
+def test_bad_credentials_and_a_foreign_stream_are_one_line(env: Env, tmp_path: Path) -> None:
+    binary = nats_binary()
+    if binary is None:
+        pytest.skip("no nats-server")
+    store = tmp_path / "nats"
+    store.mkdir()
+    server = NatsServer(binary, store, "--user", "cdc", "--pass", "right-pass")
+    server.start()
+    try:
+        wrong = bus_settings(env, server, user="cdc", password="wrong-pass")
+        assert wrong.bus is not None
+        began = time.monotonic()
+        with pytest.raises(BusError) as info:
+            BusClient(wrong.bus, "hq").connect()
+        assert time.monotonic() - began < 12
+        text = str(info.value)
+        assert "\n" not in text and "uthorization" in text and server.url in text
+        assert "wrong-pass" not in text
+        # A stream of that name exists for something else.
+        settings = bus_settings(env, server, user="cdc", password="right-pass",
+                                stream="SHARED")
+        assert settings.bus is not None
+        commands.init(settings)
+        client = BusClient(settings.bus, settings.source.name)
+        client.connect()
+
+        async def other() -> None:
+            await client._js.add_stream(name="SHARED", subjects=["orders.>"])
+
+        client._run(other())
+        client.close()
+        config = write_config(tmp_path / "cdc.toml",
+                              {**settings_dict(env.source, env.sites),
+                               "bus": {"kind": "nats", "url": server.url, "user": "cdc",
+                                       "password": "right-pass", "stream": "SHARED"}})
+        done = subprocess.run([sys.executable, "-m", "cdc_sync", "capture", "-c", str(config)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert "stream SHARED exists with subjects ['orders.>']" in lines[0]
+        assert "set [bus] stream to another name" in lines[0]
+        assert "right-pass" not in done.stderr
+    finally:
+        server.stop()
 
 
 def test_an_unreachable_bus_is_one_line(env: Env) -> None:
