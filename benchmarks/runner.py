@@ -1,7 +1,7 @@
 """The command line: run the selected scenarios on one pair of clusters and report.
 
 ``python -m benchmarks [--quick] [--only a,b] [--server 15|16] [--repetitions N]
-[--native-streaming off|on|parallel] [--one-site-cluster] [--results-dir DIR]``
+[--native-streaming off|on|parallel] [--one-site-cluster] [--bus] [--results-dir DIR]``
 
 Prints the results table on stdout (progress on stderr) and writes
 ``benchmarks/results/latest.json`` and ``latest.md``. Exit status 0 when every scenario
@@ -11,6 +11,7 @@ finished (whether or not it met its target), 1 when one failed, 2 on bad argumen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -29,7 +30,7 @@ from benchmarks import (
     update_one_site,
     update_three_sites,
 )
-from benchmarks.harness import BenchError, Harness, log
+from benchmarks.harness import BenchError, Harness, log, nats_server
 from benchmarks.report import Scenario, ScenarioResult, text_table, write_results
 from cdc_sync.embedded.cluster import ClusterError
 
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--one-site-cluster", action="store_true",
                         help="put every site database in one subscriber cluster (by default "
                              "each site of a scenario has its own, as in production)")
+    parser.add_argument("--bus", action="store_true",
+                        help="run every cdc-sync through NATS JetStream (`[bus]`: capture and "
+                             "appliers in one `cdc-sync run`; a nats-server is started)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where latest.json and latest.md go (default benchmarks/results)")
     return parser
@@ -124,8 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     site_clusters = 1 if args.one_site_cluster else max(s.sites for s in scenarios)
     try:
-        with Harness.open(args.server, site_clusters=site_clusters) as harness:
+        with Harness.open(args.server, site_clusters=site_clusters) as harness, \
+                contextlib.ExitStack() as bus:
             harness.native_streaming = args.native_streaming
+            if args.bus:
+                harness.bus_url = bus.enter_context(nats_server(harness.workdir))
             server, code = harness.server, harness.code
             for scenario in scenarios:
                 results.append(_run_one(harness, scenario, repetitions))
@@ -141,13 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repetitions": repetitions,
         "quick": args.quick,
         "native_streaming": args.native_streaming,
+        "bus": args.bus,
         "site_clusters": site_clusters,
         "scenarios_run": [s.key for s in scenarios],
         # 1-minute load averages: far above the CPU count, other work competed with the run
         "load_average": {"start": round(load_before[0], 2),
                          "end": round(os.getloadavg()[0], 2)},
     }
-    print(f"\ncdc-sync vs. native logical replication — {server}, median of {repetitions}"
+    print(f"\ncdc-sync{' through NATS JetStream' if args.bus else ''} vs. native logical "
+          f"replication — {server}, median of {repetitions}"
           f"{'' if args.native_streaming == 'off' else ', native streaming ' + args.native_streaming}\n")
     print(text_table(results), end="")
     cpus = os.cpu_count() or 1
