@@ -59,8 +59,8 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
     from .sinks.worker import SiteWorker
 
-__all__ = ["APPLY_BUCKETS", "Metrics", "MetricsServer", "PipelineCollector", "serve_metrics",
-           "serve_registry", "site_lag"]
+__all__ = ["APPLY_BUCKETS", "Metrics", "MetricsServer", "PipelineCollector", "SiteFamilies",
+           "serve_metrics", "serve_registry", "site_lag"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,43 @@ def site_lag(received: int, worker: SiteWorker, now: datetime) -> tuple[int, flo
     return lag_bytes, max(0.0, (now - worker.last_commit_ts).total_seconds())
 
 
+class SiteFamilies:
+    """The per-site metric families of one scrape, for the in-process pipeline and the bus
+    appliers alike (`lag_bytes_help`: what the site's lag is measured from)."""
+
+    def __init__(self, lag_bytes_help: str) -> None:
+        labels = ["site"]
+        self.lag_bytes = GaugeMetricFamily("cdc_sync_site_lag_bytes", lag_bytes_help,
+                                           labels=labels)
+        self.lag_seconds = GaugeMetricFamily(
+            "cdc_sync_site_lag_seconds",
+            "Age of the last source commit applied at the site while it is behind, else 0",
+            labels=labels)
+        self.applied = CounterMetricFamily("cdc_sync_changes_applied",
+                                           "Row changes applied at the site", labels=labels)
+        self.conflicts = CounterMetricFamily("cdc_sync_conflicts",
+                                             "Conflicts resolved at the site", labels=labels)
+        self.dead = CounterMetricFamily("cdc_sync_dead_letters",
+                                        "Changes the site rejected and set aside", labels=labels)
+        self.up = GaugeMetricFamily("cdc_sync_site_up", "1 while connected to the site",
+                                    labels=labels)
+
+    def add(self, worker: SiteWorker, received: int, now: datetime) -> None:
+        """One site's samples, its lag measured from the `received` LSN (`site_lag`)."""
+        site = [worker.site]
+        behind_bytes, behind_seconds = site_lag(received, worker, now)
+        self.lag_bytes.add_metric(site, float(behind_bytes))
+        self.lag_seconds.add_metric(site, math.nan if behind_seconds is None else behind_seconds)
+        self.applied.add_metric(site, float(worker.applied_changes))
+        self.conflicts.add_metric(site, float(worker.conflicts))
+        self.dead.add_metric(site, float(worker.dead_letters))
+        self.up.add_metric(site, 1.0 if worker.connected else 0.0)
+
+    def families(self) -> tuple[Metric, ...]:
+        return (self.lag_bytes, self.lag_seconds, self.applied, self.conflicts, self.dead,
+                self.up)
+
+
 class PipelineCollector(Collector):
     """Reads `pipeline` (and `connectors()`) at each scrape; see the module docstring."""
 
@@ -99,32 +136,11 @@ class PipelineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         pipe = self.pipeline
         now = self.clock()
-        lag_bytes = GaugeMetricFamily("cdc_sync_site_lag_bytes",
-                                      "Bytes of source WAL received but not yet applied at the site",
-                                      labels=["site"])
-        lag_seconds = GaugeMetricFamily(
-            "cdc_sync_site_lag_seconds",
-            "Age of the last source commit applied at the site while it is behind, else 0",
-            labels=["site"])
-        applied = CounterMetricFamily("cdc_sync_changes_applied",
-                                      "Row changes applied at the site", labels=["site"])
-        conflicts = CounterMetricFamily("cdc_sync_conflicts",
-                                        "Conflicts resolved at the site", labels=["site"])
-        dead = CounterMetricFamily("cdc_sync_dead_letters",
-                                   "Changes the site rejected and set aside", labels=["site"])
-        up = GaugeMetricFamily("cdc_sync_site_up", "1 while connected to the site",
-                               labels=["site"])
+        sites = SiteFamilies("Bytes of source WAL received but not yet applied at the site")
         received = int(pipe.received_lsn)
         for w in pipe.workers:
-            site = [w.site]
-            behind_bytes, behind_seconds = site_lag(received, w, now)
-            lag_bytes.add_metric(site, float(behind_bytes))
-            lag_seconds.add_metric(site, math.nan if behind_seconds is None else behind_seconds)
-            applied.add_metric(site, float(w.applied_changes))
-            conflicts.add_metric(site, float(w.conflicts))
-            dead.add_metric(site, float(w.dead_letters))
-            up.add_metric(site, 1.0 if w.connected else 0.0)
-        yield from (lag_bytes, lag_seconds, applied, conflicts, dead, up)
+            sites.add(w, received, now)
+        yield from sites.families()
         yield GaugeMetricFamily("cdc_sync_source_up", "1 while the replication stream is connected",
                                 value=1.0 if pipe.connected else 0.0)
         if pipe.retained_bytes is not None:

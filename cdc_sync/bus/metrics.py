@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Final
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..metrics import site_lag
+from ..metrics import SiteFamilies
 from ..source.monitor import SourceMonitor
 
 if TYPE_CHECKING:
@@ -91,40 +91,20 @@ class BusCollector(Collector):
 
     def _sites(self, applier: BusApplier) -> Iterator[Metric]:
         now = self.clock()
-        labels = ["site"]
-        lag_bytes = GaugeMetricFamily(
-            "cdc_sync_site_lag_bytes",
-            "Bytes of source WAL read from the stream but not yet applied at the site", labels=labels)
-        lag_seconds = GaugeMetricFamily(
-            "cdc_sync_site_lag_seconds",
-            "Age of the last source commit applied at the site while it is behind, else 0",
-            labels=labels)
-        applied = CounterMetricFamily("cdc_sync_changes_applied",
-                                      "Row changes applied at the site", labels=labels)
-        conflicts = CounterMetricFamily("cdc_sync_conflicts", "Conflicts resolved at the site",
-                                        labels=labels)
-        dead = CounterMetricFamily("cdc_sync_dead_letters",
-                                   "Changes the site rejected and set aside", labels=labels)
-        up = GaugeMetricFamily("cdc_sync_site_up", "1 while connected to the site", labels=labels)
+        sites = SiteFamilies(
+            "Bytes of source WAL read from the stream but not yet applied at the site")
         bad = CounterMetricFamily("cdc_sync_bus_bad_messages",
                                   "Stream messages that are not cdc-sync's, set aside",
-                                  labels=labels)
+                                  labels=["site"])
         resync = GaugeMetricFamily("cdc_sync_site_needs_resync",
                                    "1 while the stream no longer holds what the site needs",
-                                   labels=labels)
+                                   labels=["site"])
         for feed in applier.feeds:
-            w = feed.worker
-            site = [w.site]
-            behind_bytes, behind_seconds = site_lag(int(feed.received_lsn), w, now)
-            lag_bytes.add_metric(site, float(behind_bytes))
-            lag_seconds.add_metric(site, math.nan if behind_seconds is None else behind_seconds)
-            applied.add_metric(site, float(w.applied_changes))
-            conflicts.add_metric(site, float(w.conflicts))
-            dead.add_metric(site, float(w.dead_letters))
-            up.add_metric(site, 1.0 if w.connected else 0.0)
+            sites.add(feed.worker, int(feed.received_lsn), now)
+            site = [feed.worker.site]
             bad.add_metric(site, float(feed.bad_messages))
             resync.add_metric(site, 1.0 if feed.needs_resync else 0.0)
-        yield from (lag_bytes, lag_seconds, applied, conflicts, dead, up, bad, resync)
+        yield from (*sites.families(), bad, resync)
 
     def close(self) -> None:
         if self._monitor is not None:
