@@ -50,6 +50,13 @@ def bus_settings(env: Env, server: NatsServer, **bus: Any) -> Settings:
     return settings_from_dict(data)
 
 
+def bus_config(env: Env, server: NatsServer, tmp_path: Path) -> tuple[Path, Settings]:
+    """A config file for the CLI (`tmp_path/cdc.toml`) and its settings, with `[bus]`."""
+    data = settings_dict(env.source, env.sites)
+    data["bus"] = {"kind": "nats", "url": server.url}
+    return write_config(tmp_path / "cdc.toml", data), settings_from_dict(data)
+
+
 class Runner:
     """`target.run()` in a thread; `stop()` joins it and re-raises what it raised."""
 
@@ -157,10 +164,7 @@ def test_capture_killed_mid_transaction_leaves_nothing_twice(
         env: Env, nats_server: NatsServer, tmp_path: Path) -> None:
     execute(env.source, "CREATE TABLE big (id int PRIMARY KEY, payload text)",
             "CREATE TABLE events (id bigserial PRIMARY KEY, note text)")
-    data = settings_dict(env.source, env.sites)
-    data["bus"] = {"kind": "nats", "url": nats_server.url}
-    config = write_config(tmp_path / "cdc.toml", data)
-    settings = settings_from_dict(data)
+    config, settings = bus_config(env, nats_server, tmp_path)
     commands.init(settings)
     cmd = [sys.executable, "-m", "cdc_sync", "capture", "-c", str(config)]
     log = (tmp_path / "capture.log").open("ab")

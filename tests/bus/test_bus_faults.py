@@ -29,21 +29,18 @@ from integration.helpers import (
     execute,
     progress_lsn,
     scalar,
-    settings_dict,
     slot_row,
     sync_point,
     wait_for,
-    write_config,
 )
 
 from cdc_sync import commands
 from cdc_sync.bus.applier import BusApplier
 from cdc_sync.bus.capture import Capture
-from cdc_sync.config import settings_from_dict
 from cdc_sync.protocol import Lsn
 
 from .conftest import NatsServer
-from .test_bus import Runner, bus_settings, running, stream_state, wait_applied
+from .test_bus import Runner, bus_config, bus_settings, running, stream_state, wait_applied
 
 TABLES = ["public.grants", "public.ledger"]
 SITE_DOWN_SECONDS = float(os.environ.get("CDC_SYNC_SITE_DOWN_SECONDS", "60"))
@@ -145,10 +142,7 @@ def _open_site_transaction(site: str) -> bool:
 def test_an_applier_killed_mid_transaction_applies_it_once(
         env: Env, nats_server: NatsServer, tmp_path: Path) -> None:
     _schema(env)
-    data = settings_dict(env.source, env.sites)
-    data["bus"] = {"kind": "nats", "url": nats_server.url}
-    config = write_config(tmp_path / "cdc.toml", data)
-    settings = settings_from_dict(data)
+    config, settings = bus_config(env, nats_server, tmp_path)
     commands.init(settings)
     apply = [sys.executable, "-m", "cdc_sync", "apply", "-c", str(config)]
     log = (tmp_path / "apply.log").open("ab")

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from integration.conftest import Env
-from integration.helpers import execute, settings_dict, wait_for, write_config
+from integration.helpers import execute, wait_for
 from prometheus_client import generate_latest
 
 from cdc_sync import commands
@@ -22,7 +22,7 @@ from cdc_sync.bus.metrics import BusCollector
 from cdc_sync.metrics import Metrics
 
 from .conftest import NatsServer
-from .test_bus import bus_settings, running, wait_applied
+from .test_bus import bus_config, bus_settings, running, wait_applied
 
 
 def _samples(metrics: Metrics) -> dict[str, float]:
@@ -85,10 +85,8 @@ def _scrape(port: int) -> str:
 def test_capture_and_apply_serve_metrics(env: Env, nats_server: NatsServer,
                                          tmp_path: Path) -> None:
     execute(env.source, "CREATE TABLE t (id int PRIMARY KEY)")
-    data = settings_dict(env.source, env.sites)
-    data["bus"] = {"kind": "nats", "url": nats_server.url}
-    config = write_config(tmp_path / "cdc.toml", data)
-    commands.init(bus_settings(env, nats_server))
+    config, settings = bus_config(env, nats_server, tmp_path)
+    commands.init(settings)
     ports = {"capture": _free_port(), "apply": _free_port()}
     log = (tmp_path / "cli.log").open("ab")
     procs = [subprocess.Popen([sys.executable, "-m", "cdc_sync", verb, "-c", str(config),

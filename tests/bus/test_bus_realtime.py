@@ -20,20 +20,17 @@ from integration.conftest import Env
 from integration.helpers import (
     assert_same_tables,
     execute,
-    settings_dict,
     slot_row,
     wait_for,
-    write_config,
 )
 
 from cdc_sync import commands
 from cdc_sync.api import ChangeEvent, RealTimeSync
 from cdc_sync.bus.applier import BusApplier
 from cdc_sync.bus.listener import BusListener
-from cdc_sync.config import settings_from_dict
 
 from .conftest import NatsServer
-from .test_bus import running, stream_state, wait_applied
+from .test_bus import bus_config, running, stream_state, wait_applied
 
 BIG = 1_000_000
 
@@ -43,10 +40,7 @@ def test_realtime_on_the_bus_through_a_capture_killed_mid_1m_row_transaction(
     execute(env.source, "CREATE TABLE big (n bigint, payload text)",  # keyless
             "ALTER TABLE big REPLICA IDENTITY FULL",
             "CREATE TABLE events (id bigserial PRIMARY KEY, note text)")
-    data = settings_dict(env.source, env.sites)
-    data["bus"] = {"kind": "nats", "url": nats_server.url}
-    config = write_config(tmp_path / "cdc.toml", data)
-    settings = settings_from_dict(data)
+    config, settings = bus_config(env, nats_server, tmp_path)
     commands.init(settings)
     cmd = [sys.executable, "-m", "cdc_sync", "capture", "-c", str(config)]
     log = (tmp_path / "capture.log").open("ab")
