@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
+from ..backoff import backoff_delay
 from ..changes import Assembler, TxItem
 from ..config import Settings
 from ..errors import CdcSyncError
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 FETCH_BATCH: Final = 256
 FETCH_TIMEOUT: Final = 0.5
+RETRY_INITIAL: Final = 0.5
+RETRY_MAX: Final = 10.0
 
 
 class BusListener:
@@ -63,7 +66,9 @@ class BusListener:
                     if failures == 0:
                         log.warning("bus listener: %s; retrying", exc)
                     failures += 1
-                self._halt.wait(min(10.0, 0.5 * failures))
+                if failures:
+                    self._halt.wait(backoff_delay(failures, RETRY_INITIAL, RETRY_MAX,
+                                                  jitter="equal"))
         finally:
             self.client.close()
 
