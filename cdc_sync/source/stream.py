@@ -38,6 +38,13 @@ from ..sessions import SESSION_OPTIONS
 log = logging.getLogger(__name__)
 
 MAX_FRAMES_PER_READ: Final = 2000
+# A read that finds the socket dry after fewer than COALESCE_BELOW frames naps COALESCE_NAP
+# seconds once and reads on. A reader that keeps up wakes (and is woken by the WAL sender's
+# every send) for one or two messages at a time; the nap lets messages pile up in the socket
+# instead. Measured on loopback TCP, a 100k-change backlog: 0.77 s plain, 0.29 s with the nap
+# (pg_recvlogical: 0.84 s). It adds at most the nap to a message's latency.
+COALESCE_BELOW: Final = 64
+COALESCE_NAP: Final = 0.0002
 CONNECT_TIMEOUT: Final = 10
 
 
@@ -156,7 +163,7 @@ class ReplicationStream:
         sliced directly on the hot path), waiting up to `timeout` seconds for the first one."""
         pg = self._pgconn()
         frames: list[bytes] = []
-        waited = False
+        waited = napped = False
         try:
             while len(frames) < MAX_FRAMES_PER_READ:
                 n, data = pg.get_copy_data(1)
@@ -164,6 +171,11 @@ class ReplicationStream:
                     frames.append(bytes(data))
                     continue
                 if n == 0:
+                    if frames and not napped and len(frames) < COALESCE_BELOW:
+                        napped = True
+                        time.sleep(COALESCE_NAP)
+                        pg.consume_input()
+                        continue
                     if frames or waited:
                         break
                     ready, _, _ = select.select([pg.socket], [], [], timeout)
