@@ -41,9 +41,10 @@ from ._format import (
     HEADER_CHUNK,
     HEADER_FORMAT,
     HEADER_PREV,
-    HEADER_TX,
+    READABLE_FORMATS,
     BusFormatError,
     decode_body,
+    span_of,
 )
 from .client import BusClient, BusError, BusMessage, BusState
 
@@ -61,29 +62,20 @@ _DEAD_LETTER_SQL: Final = (
     "WHERE source = %s AND op = %s AND row_data @> %s)")
 
 
-def _tx_of(headers: dict[str, str] | None) -> int | None:
-    if not headers or HEADER_TX not in headers:
-        return None
-    try:
-        return int(headers[HEADER_TX], 16)
-    except ValueError:
-        return None
-
-
 def find_start(client: BusClient, state: BusState, position: Lsn) -> tuple[int, bool]:
     """(sequence to start at, whether messages the site needs are gone).
 
-    The first message whose transaction commits at or after `position` (binary search:
-    transactions are published in commit order; a re-publish after a crash repeats a suffix,
-    and starting inside a repeated suffix loses nothing). Gone: retention discarded messages
-    (`first_seq` > 1) and the oldest one left is not known to follow `position` directly."""
+    The first message whose last transaction commits at or after `position` (binary search:
+    the stream holds transactions once, in commit order; the worker skips those of the
+    message it has). Gone: retention discarded messages (`first_seq` > 1) and the oldest one
+    left is not known to follow `position` directly."""
     lo, hi = state.first_seq, state.last_seq + 1
     if state.messages == 0:
         return state.last_seq + 1, False
     while lo < hi:
         mid = (lo + hi) // 2
-        tx = _tx_of(client.headers_at(mid))
-        if tx is not None and tx >= position:
+        span = span_of(client.headers_at(mid))
+        if span is not None and span[1] >= position:
             hi = mid
         else:
             lo = mid + 1
@@ -165,7 +157,7 @@ class SiteFeed(threading.Thread):
                     if msg.seq in self._discarded:
                         continue
                     h = msg.headers
-                    if h.get(HEADER_FORMAT) != FORMAT_VERSION or HEADER_CHUNK not in h:
+                    if h.get(HEADER_FORMAT) not in READABLE_FORMATS or HEADER_CHUNK not in h:
                         self._dead_letter(msg)
                         continue
                     chunk = int(h[HEADER_CHUNK])

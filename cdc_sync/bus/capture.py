@@ -2,9 +2,16 @@
 
 Contract:
 - Reads the slot without streaming in-progress transactions (the WAL sender spills a large
-  transaction to its own disk and sends it at commit), cuts every transaction into chunks as
-  it is read (`Chunker`: deterministic, so a re-read gets the same message ids) and publishes
-  them with JetStream's async publish: a huge transaction is never whole in memory here.
+  transaction to its own disk and sends it at commit), packs small transactions into one
+  message and cuts large ones into chunks as they are read (`Chunker`), and publishes them
+  with JetStream's async publish: a huge transaction is never whole in memory here. A pack is
+  sent once full, or as soon as capture has read everything the source sent (so a lone
+  transaction waits for nothing).
+- The stream holds every transaction once, in commit order. A session starts after the
+  stream's last message (`BusClient.tail`, `Resume`): what the slot sends again and the stream
+  has is not published again, however it was packed before. Every message expects the
+  stream to end where the one before it did (`Nats-Expected-Last-Sequence`), so a message
+  lost on the way makes JetStream refuse the ones after it, and the session starts over.
 - Confirms to the source (standby status `flush`) only the end of transactions whose every
   chunk JetStream acknowledged as stored, in order; between transactions, once everything is
   acknowledged, the last keepalive position too. The source's WAL is released as fast as the
@@ -12,9 +19,9 @@ Contract:
 - Transactions carrying a replication origin are not published unless `[source]
   forward_origins` (multi-directional loop prevention, as in-process).
 - A lost source connection, an unreachable bus or an acknowledgement that does not come
-  within `ACK_TIMEOUT` ends the session: capture waits (with backoff) and reads again from the
-  slot's confirmed position; JetStream drops the chunks it already has (`Nats-Msg-Id`). It
-  never exits for that. `stop()` ends it after waiting for outstanding acknowledgements.
+  within `ACK_TIMEOUT` (or a refused one) ends the session: capture waits (with backoff) and
+  reads again from the slot's confirmed position, after the stream's end. It never exits for
+  that. `stop()` ends it after waiting for outstanding acknowledgements.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from ..errors import CdcSyncError
 from ..protocol import XLOG_DATA_HEADER_SIZE, Lsn, PrimaryKeepalive
 from ..source.monitor import HEARTBEAT_PREFIX, SourceMonitor
 from ..source.stream import ReplicationStream, SlotBusy, StreamLost
-from ._format import Chunk, Chunker
+from ._format import Chunk, Chunker, Resume
 from .client import BusClient, BusError, BusStreamError
 
 __all__ = ["Capture"]
@@ -105,7 +112,8 @@ class Capture:
         stream = ReplicationStream(source.dsn, source.slot, source.publication,
                                    origin_none=not forward, streaming=False,
                                    decoding_work_mem=source.decoding_work_mem)
-        chunker = Chunker(drop_origins=not forward)
+        after, tail = self.client.tail()
+        chunker = Chunker(drop_origins=not forward, resume=Resume.of(tail))
         # Chunks published, oldest first, with the end LSN of the transaction a chunk ends.
         pending: deque[tuple[concurrent.futures.Future[int], int | None, float]] = deque()
         idle_end = Lsn(0)
@@ -132,13 +140,15 @@ class Capture:
                         continue  # only there to make the slot advance
                     last_data = time.monotonic()
                     chunks.extend(chunker.feed(data))
+                chunks.extend(chunker.flush())  # all the source sent so far is read
                 if chunks:
                     now = time.monotonic()
-                    futures = self.client.publish(chunks)
+                    futures = self.client.publish(chunks, after)
+                    after += len(chunks)
                     for chunk, fut in zip(chunks, futures, strict=True):
                         pending.append((fut, chunk.end_lsn, now))
                 self._settle(pending)
-                if not chunker.in_transaction and not pending:
+                if not chunker.in_transaction and not chunker.buffered and not pending:
                     skipped = Lsn(chunker.skipped_end or 0)
                     self.confirmed_lsn = max(self.confirmed_lsn, idle_end, skipped)
                 now = time.monotonic()

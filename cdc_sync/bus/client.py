@@ -8,10 +8,13 @@ Contract:
   one line (servers, never a token or password). `ensure_stream()` creates the stream (file
   storage, subjects `cdc.<source>.>`, the retention of `[bus]`) or checks that an existing one
   has our subjects (else `BusError` naming the stream and the fix).
-- `publish(chunks)` sends chunks without waiting for each acknowledgement (JetStream's async
-  publish, with the chunk's `Nats-Msg-Id`) and returns one future per chunk that resolves to
-  the stream sequence once JetStream has stored it (or to a duplicate's). Call `flush_acks` to
-  wait for all of them.
+- `tail()` is the stream's last sequence and the headers of its last cdc-sync message (capture
+  resumes after it). `publish(chunks, after)` sends chunks without waiting for each
+  acknowledgement (JetStream's async publish, with the chunk's `Nats-Msg-Id`), each one
+  expecting the stream's last sequence to be the one before it (`Nats-Expected-Last-Sequence`,
+  from `after`): a message lost in a reconnect makes JetStream refuse every later one, so the
+  stream never holds transactions out of order. One future per chunk resolves to its stream
+  sequence once JetStream stored it (a refusal: `BusError`).
 - `consumer(start_seq)` opens an ephemeral pull consumer delivering from `start_seq`; its
   `fetch(n, timeout)` returns `BusMessage`s (an empty list when none came in time).
 """
@@ -28,7 +31,7 @@ from typing import Any, Final, TypeVar
 
 from ..config import BusSettings
 from ..errors import CdcSyncError
-from ._format import Chunk
+from ._format import HEADER_TX, Chunk
 
 __all__ = ["BusClient", "BusError", "BusMessage", "BusState", "BusStreamError", "subject_for"]
 
@@ -36,6 +39,8 @@ CONNECT_TIMEOUT: Final = 10.0
 REQUEST_TIMEOUT: Final = 10.0
 DUPLICATE_WINDOW: Final = 600.0  # seconds: a capture restarted within this re-publishes unseen
 MAX_PENDING_PUBLISHES: Final = 4000
+TAIL_LOOKBACK: Final = 64  # messages read back from the stream's end for its last cdc-sync one
+EXPECTED_LAST_SEQ: Final = "Nats-Expected-Last-Sequence"
 T = TypeVar("T")
 
 
@@ -216,21 +221,36 @@ class BusClient:
             return dict(msg.headers or {})
         return self._run(get(), REQUEST_TIMEOUT + 5)
 
-    # -- publishing ------------------------------------------------------------------------
-    def publish(self, chunks: Sequence[Chunk]) -> list[concurrent.futures.Future[int]]:
-        """Send `chunks` in order; one future per chunk, resolving to its stream sequence."""
-        return self._run(self._publish(chunks), REQUEST_TIMEOUT * 6)
+    def tail(self) -> tuple[int, dict[str, str] | None]:
+        """(the stream's last sequence, the headers of its last cdc-sync message or None)."""
+        state = self.state()
+        for seq in range(state.last_seq, max(state.first_seq, state.last_seq - TAIL_LOOKBACK,
+                                             1) - 1, -1):
+            headers = self.headers_at(seq)
+            if headers and HEADER_TX in headers:
+                return state.last_seq, headers
+        return state.last_seq, None
 
-    async def _publish(self, chunks: Sequence[Chunk]) -> list[concurrent.futures.Future[int]]:
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self, chunks: Sequence[Chunk],
+                after: int) -> list[concurrent.futures.Future[int]]:
+        """Send `chunks` in order, the first expecting the stream to end at sequence `after`;
+        one future per chunk, resolving to its stream sequence."""
+        return self._run(self._publish(chunks, after), REQUEST_TIMEOUT * 6)
+
+    async def _publish(self, chunks: Sequence[Chunk],
+                       after: int) -> list[concurrent.futures.Future[int]]:
         out: list[concurrent.futures.Future[int]] = []
         # While the client reconnects, nats-py would buffer publishes until its outbound
         # buffer overflows: a transient bus outage, one line, and capture reads them again.
         if self._nc is None or not self._nc.is_connected:
             raise BusError(f"bus: not connected to {self.where}")
-        for chunk in chunks:
+        for n, chunk in enumerate(chunks):
+            headers = chunk.headers()
+            headers[EXPECTED_LAST_SEQ] = str(after + n)
             try:
                 ack = await self._js.publish_async(self.subject, chunk.body(),
-                                                   headers=chunk.headers(),
+                                                   headers=headers,
                                                    wait_stall=REQUEST_TIMEOUT)
             except Exception as exc:  # nats-py's kinds: buffer full, disconnected, stalled
                 raise BusError(f"bus: publishing to {self.where} failed: "

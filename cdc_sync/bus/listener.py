@@ -25,7 +25,14 @@ from ..changes import Assembler, TxItem
 from ..config import Settings
 from ..errors import CdcSyncError
 from ..protocol import ROW_TAGS, ProtocolError, decode_message
-from ._format import FORMAT_VERSION, HEADER_CHUNK, HEADER_FORMAT, BusFormatError, decode_body
+from ._format import (
+    FORMAT_VERSION,
+    HEADER_CHUNK,
+    HEADER_FORMAT,
+    READABLE_FORMATS,
+    BusFormatError,
+    decode_body,
+)
 from .client import BusClient, BusError
 
 __all__ = ["BusListener"]
@@ -89,7 +96,7 @@ class BusListener:
                     # chunk (its Begin comes again and replaces what was delivered of it).
                     self.next_seq = tx_first if assembler.in_transaction else msg.seq
                     h = msg.headers
-                    if h.get(HEADER_FORMAT) != FORMAT_VERSION or HEADER_CHUNK not in h:
+                    if h.get(HEADER_FORMAT) not in READABLE_FORMATS or HEADER_CHUNK not in h:
                         self._bad(msg.seq, f"is not a cdc-sync message of format {FORMAT_VERSION}")
                         self.next_seq = tx_first if assembler.in_transaction else msg.seq + 1
                         continue
