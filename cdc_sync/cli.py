@@ -319,7 +319,8 @@ MetricsHostOpt = Annotated[str, typer.Option(
 @app.command()
 def capture(config: ConfigOpt = None, metrics_port: MetricsPortOpt = None,
             metrics_host: MetricsHostOpt = "127.0.0.1") -> None:
-    """Read the slot into the bus ([bus]) until SIGINT/SIGTERM; sites apply with `apply`."""
+    """Read the slot into the bus (the configuration's bus section) until SIGINT/SIGTERM;
+    sites apply with `apply`."""
     if not _state["log_level_given"] and not _state["debug"]:
         logging.getLogger().setLevel(logging.INFO)
     settings = _settings(config)
@@ -335,7 +336,7 @@ def apply_cmd(
     metrics_port: MetricsPortOpt = None,
     metrics_host: MetricsHostOpt = "127.0.0.1",
 ) -> None:
-    """Apply the bus ([bus]) to sites until SIGINT/SIGTERM."""
+    """Apply the bus (the configuration's bus section) to sites until SIGINT/SIGTERM."""
     if not _state["log_level_given"] and not _state["debug"]:
         logging.getLogger().setLevel(logging.INFO)
     settings = _settings(config)

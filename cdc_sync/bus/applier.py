@@ -29,6 +29,7 @@ from typing import Final
 import psycopg
 from psycopg.types.json import Jsonb
 
+from ..backoff import backoff_delay
 from ..changes import DEFAULT_CHUNK_SIZE, Assembler, TxCommit, TxItem
 from ..config import Settings, SiteSettings
 from ..errors import CdcSyncError
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 FETCH_BATCH: Final = 256
 FETCH_TIMEOUT: Final = 0.5
 RESTART_INITIAL: Final = 0.5
+RESTART_MAX: Final = 10.0
 RESYNC_CHECK_SECONDS: Final = 3.0
 _DEAD_LETTER_SQL: Final = (
     "INSERT INTO cdc_sync.dead_letters (source, op, row_data, error) "
@@ -122,8 +124,9 @@ class SiteFeed(threading.Thread):
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("site %s: %s; retrying", self.worker.site, exc)
                 failures += 1
-            if not self._halt.is_set():
-                self._halt.wait(min(10.0, RESTART_INITIAL * failures))
+            if failures and not self._halt.is_set():
+                self._halt.wait(backoff_delay(failures, RESTART_INITIAL, RESTART_MAX,
+                                              jitter="equal"))
 
     def _session(self) -> None:
         worker = self.worker

@@ -9,9 +9,9 @@ Contract:
   transaction waits for nothing).
 - The stream holds every transaction once, in commit order. A session starts after the
   stream's last message (`BusClient.tail`, `Resume`): what the slot sends again and the stream
-  has is not published again, however it was packed before. Every message expects the
-  stream to end where the one before it did (`Nats-Expected-Last-Sequence`), so a message
-  lost on the way makes JetStream refuse the ones after it, and the session starts over.
+  has is not published again, however it was packed before. Every message expects the one
+  capture published before it to be the stream's last (`BusClient.publish`), so a message lost
+  or refused on the way makes JetStream refuse the ones after it, and the session starts over.
 - Confirms to the source (standby status `flush`) only the end of transactions whose every
   chunk JetStream acknowledged as stored, in order; between transactions, once everything is
   acknowledged, the last keepalive position too. The source's WAL is released as fast as the
@@ -112,6 +112,8 @@ class Capture:
         stream = ReplicationStream(source.dsn, source.slot, source.publication,
                                    origin_none=not forward, streaming=False,
                                    decoding_work_mem=source.decoding_work_mem)
+        self.client.abandon_acks()  # of an earlier session: what they were for is read again
+        after: int | str
         after, tail = self.client.tail()
         chunker = Chunker(drop_origins=not forward, resume=Resume.of(tail))
         # Chunks published, oldest first, with the end LSN of the transaction a chunk ends.
@@ -144,7 +146,7 @@ class Capture:
                 if chunks:
                     now = time.monotonic()
                     futures = self.client.publish(chunks, after)
-                    after += len(chunks)
+                    after = chunks[-1].msg_id  # the next message follows this one
                     for chunk, fut in zip(chunks, futures, strict=True):
                         pending.append((fut, chunk.end_lsn, now))
                 self._settle(pending)

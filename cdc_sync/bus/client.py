@@ -10,11 +10,12 @@ Contract:
   has our subjects (else `BusError` naming the stream and the fix).
 - `tail()` is the stream's last sequence and the headers of its last cdc-sync message (capture
   resumes after it). `publish(chunks, after)` sends chunks without waiting for each
-  acknowledgement (JetStream's async publish, with the chunk's `Nats-Msg-Id`), each one
-  expecting the stream's last sequence to be the one before it (`Nats-Expected-Last-Sequence`,
-  from `after`): a message lost in a reconnect makes JetStream refuse every later one, so the
-  stream never holds transactions out of order. One future per chunk resolves to its stream
-  sequence once JetStream stored it (a refusal: `BusError`).
+  acknowledgement (with the chunk's `Nats-Msg-Id`), each one expecting the message before it
+  to be the stream's last: the first `after` (a sequence: `Nats-Expected-Last-Sequence`, or the
+  id of the message capture published before: `Nats-Expected-Last-Msg-Id`), the others the
+  chunk before them. A message lost or refused makes JetStream refuse every later one, so the
+  stream never holds transactions out of order or with a hole. One future per chunk resolves
+  to its stream sequence once JetStream stored it (a refusal: `BusError`).
 - `consumer(start_seq)` opens an ephemeral pull consumer delivering from `start_seq`; its
   `fetch(n, timeout)` returns `BusMessage`s (an empty list when none came in time).
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import ssl
 import threading
 from collections.abc import Coroutine, Sequence
@@ -41,6 +43,7 @@ DUPLICATE_WINDOW: Final = 600.0  # seconds: a capture restarted within this re-p
 MAX_PENDING_PUBLISHES: Final = 4000
 TAIL_LOOKBACK: Final = 64  # messages read back from the stream's end for its last cdc-sync one
 EXPECTED_LAST_SEQ: Final = "Nats-Expected-Last-Sequence"
+EXPECTED_LAST_ID: Final = "Nats-Expected-Last-Msg-Id"
 T = TypeVar("T")
 
 
@@ -91,6 +94,10 @@ class BusClient:
         self._thread.start()
         self._nc: Any = None
         self._js: Any = None
+        self._ack_prefix: str | None = None
+        self._ack_serial = 0
+        self._acks: dict[str, concurrent.futures.Future[int]] = {}
+        self._acks_drained = asyncio.Event()
 
     # -- plumbing --------------------------------------------------------------------------
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -148,8 +155,8 @@ class BusClient:
             raise
         except Exception as exc:  # nats-py raises several kinds; one line each
             raise BusError(f"bus: cannot connect to {self.where}: {_one_line(exc)}") from None
-        self._js = self._nc.jetstream(timeout=REQUEST_TIMEOUT,
-                                      publish_async_max_pending=MAX_PENDING_PUBLISHES)
+        self._js = self._nc.jetstream(timeout=REQUEST_TIMEOUT)
+        self._ack_prefix = None  # a new connection: a new inbox for acknowledgements
 
     @property
     def connected(self) -> bool:
@@ -233,32 +240,80 @@ class BusClient:
 
     # -- publishing ------------------------------------------------------------------------
     def publish(self, chunks: Sequence[Chunk],
-                after: int) -> list[concurrent.futures.Future[int]]:
-        """Send `chunks` in order, the first expecting the stream to end at sequence `after`;
-        one future per chunk, resolving to its stream sequence."""
+                after: int | str) -> list[concurrent.futures.Future[int]]:
+        """Send `chunks` in order, the first expecting the stream to end at `after` (a
+        sequence, or a message id); one future per chunk, resolving to its stream sequence."""
         return self._run(self._publish(chunks, after), REQUEST_TIMEOUT * 6)
 
     async def _publish(self, chunks: Sequence[Chunk],
-                       after: int) -> list[concurrent.futures.Future[int]]:
+                       after: int | str) -> list[concurrent.futures.Future[int]]:
         out: list[concurrent.futures.Future[int]] = []
         # While the client reconnects, nats-py would buffer publishes until its outbound
         # buffer overflows: a transient bus outage, one line, and capture reads them again.
         if self._nc is None or not self._nc.is_connected:
             raise BusError(f"bus: not connected to {self.where}")
-        for n, chunk in enumerate(chunks):
+        if self._ack_prefix is None:
+            # nats-py's publish_async never completes a refused publish (its reply handler
+            # raises instead of setting the future), so acknowledgements are read here.
+            self._ack_prefix = self._nc.new_inbox()
+            await self._nc.subscribe(self._ack_prefix + ".*", cb=self._on_ack)
+        for chunk in chunks:
+            while len(self._acks) >= MAX_PENDING_PUBLISHES:
+                self._acks_drained.clear()
+                try:
+                    await asyncio.wait_for(self._acks_drained.wait(), REQUEST_TIMEOUT)
+                except TimeoutError:
+                    raise BusError(f"bus: {self.where} acknowledges nothing: "
+                                   f"{len(self._acks)} messages unacknowledged") from None
             headers = chunk.headers()
-            headers[EXPECTED_LAST_SEQ] = str(after + n)
+            if isinstance(after, int):
+                headers[EXPECTED_LAST_SEQ] = str(after)
+            else:
+                headers[EXPECTED_LAST_ID] = after
+            after = chunk.msg_id
+            self._ack_serial += 1
+            token = str(self._ack_serial)
+            done: concurrent.futures.Future[int] = concurrent.futures.Future()
+            self._acks[token] = done
             try:
-                ack = await self._js.publish_async(self.subject, chunk.body(),
-                                                   headers=headers,
-                                                   wait_stall=REQUEST_TIMEOUT)
-            except Exception as exc:  # nats-py's kinds: buffer full, disconnected, stalled
+                await self._nc.publish(self.subject, chunk.body(),
+                                       reply=f"{self._ack_prefix}.{token}", headers=headers)
+            except Exception as exc:  # nats-py's kinds: buffer full, disconnected
+                self._acks.pop(token, None)
                 raise BusError(f"bus: publishing to {self.where} failed: "
                                f"{_one_line(exc)}") from None
-            done: concurrent.futures.Future[int] = concurrent.futures.Future()
-            ack.add_done_callback(lambda f, done=done: _settle(f, done))
             out.append(done)
         return out
+
+    async def _on_ack(self, msg: Any) -> None:
+        done = self._acks.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if len(self._acks) < MAX_PENDING_PUBLISHES:
+            self._acks_drained.set()
+        if done is None or done.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            done.set_exception(BusError(f"bus: no stream {self.stream} takes the messages "
+                                        f"on {self.subject} (no responders)"))
+            return
+        try:
+            reply = json.loads(msg.data)
+            if "error" in reply:
+                why = reply["error"].get("description") or reply["error"]
+                done.set_exception(BusError(f"bus: JetStream refused a message: {why}"))
+            else:
+                done.set_result(int(reply["seq"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            done.set_exception(BusError("bus: an acknowledgement that is not JetStream's"))
+
+    def abandon_acks(self) -> None:
+        """Forget the acknowledgements still awaited (a new capture session starts)."""
+        def clear() -> None:
+            for done in self._acks.values():
+                if not done.done():
+                    done.set_exception(BusError("bus: acknowledgement abandoned"))
+            self._acks.clear()
+            self._acks_drained.set()
+        self._loop.call_soon_threadsafe(clear)
 
     # -- consuming -------------------------------------------------------------------------
     def consumer(self, start_seq: int) -> Consumer:
@@ -320,15 +375,6 @@ async def _first_connect(nats: Any, options: dict[str, Any]) -> Any:
 def _is_auth_error(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "authorization" in text or "authentication" in text
-
-
-def _settle(ack: asyncio.Future[Any], done: concurrent.futures.Future[int]) -> None:
-    if ack.cancelled():
-        done.set_exception(BusError("bus: publish cancelled"))
-    elif ack.exception() is not None:
-        done.set_exception(BusError(f"bus: publish failed: {_one_line(ack.exception())}"))
-    else:
-        done.set_result(int(ack.result().seq))
 
 
 def _state(stream: str, info: Any) -> BusState:
