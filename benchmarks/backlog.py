@@ -103,14 +103,9 @@ def _setup(harness: Harness) -> tuple[NativeReplication, CdcSync, CdcSync]:
 
 
 def _start_cdc(cdc: CdcSync) -> Callable[[], None]:
-    """Start ``cdc-sync run`` without advancing its slot (the backlog is what it must drain)."""
-    proc = cdc.proc = cdc.h.spawn(cdc._command("run"), cdc.log_path)
-
-    def check() -> None:
-        if proc.poll() is not None:
-            raise BenchError(f"cdc-sync run ({cdc.name}) exited with {proc.returncode} "
-                             "while draining")
-    return check
+    """Start cdc-sync without advancing its slot (the backlog is what it must drain)."""
+    cdc.start()
+    return cdc.check_alive
 
 
 def _start_native(native: NativeReplication) -> Callable[[], None]:

@@ -195,6 +195,7 @@ class Harness:
     env: dict[str, str]
     native_streaming: str = "off"  # the native subscriptions' `streaming` option
     bus_url: str | None = None  # set (`--bus`): every cdc-sync runs through NATS JetStream
+    bus_processes: bool = False  # `--bus-processes`: capture and each applier a process of its own
     _children: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _placed: dict[str, Cluster] = field(default_factory=dict)  # site database -> its cluster
 
@@ -504,7 +505,8 @@ class CdcSync:
         self.site_dbs = list(site_dbs)
         self.config = harness.workdir / f"{name}.toml"
         self.log_path = harness.workdir / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None  # `run`, or `capture` (bus_processes)
+        self.appliers: list[subprocess.Popen[bytes]] = []  # `apply --site` (bus_processes)
         lines = [
             "[source]",
             # Through the bus each system has its own stream and subjects (named after the
@@ -545,15 +547,30 @@ class CdcSync:
             conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(
                 sql.Identifier(self.name)))
 
+    def start(self) -> None:
+        """Start ``cdc-sync run``; with ``bus_processes``, ``cdc-sync capture`` and one
+        ``cdc-sync apply --site`` per site instead (the scale-out shape)."""
+        if not self.h.bus_processes:
+            self.proc = self.h.spawn(self._command("run"), self.log_path)
+            return
+        self.proc = self.h.spawn(self._command("capture"), self.log_path)
+        self.appliers = [self.h.spawn([*self._command("apply"), "--site", db], self.log_path)
+                         for db in self.site_dbs]
+
+    def check_alive(self) -> None:
+        """`BenchError` if a process of this system exited."""
+        for proc in [self.proc, *self.appliers]:
+            if proc is not None and proc.poll() is not None:
+                raise BenchError(f"cdc-sync ({self.name}) exited with {proc.returncode}: "
+                                 f"{_tail(self.log_path)}")
+
     def attach(self) -> None:
-        """Advance the slot, start ``cdc-sync run`` and wait until it holds the slot."""
+        """Advance the slot, start cdc-sync (`start`) and wait until it holds the slot."""
         self.h.advance_slot(self.source_db, self.name)
-        proc = self.proc = self.h.spawn(self._command("run"), self.log_path)
+        self.start()
 
         def streaming() -> bool:
-            if proc.poll() is not None:
-                raise BenchError(f"cdc-sync run ({self.name}) exited with {proc.returncode}: "
-                                 f"{_tail(self.log_path)}")
+            self.check_alive()
             rows = self.h.source.execute(
                 "SELECT active FROM pg_replication_slots WHERE slot_name = %s", params=(self.name,))
             return bool(rows and rows[0][0])
@@ -561,12 +578,13 @@ class CdcSync:
         wait_for(streaming, timeout=ATTACH_TIMEOUT, what=f"cdc-sync run ({self.name}) to stream")
 
     def detach(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            if self.proc.returncode not in (0, -signal.SIGTERM):
-                log(f"cdc-sync run ({self.name}) exited with {self.proc.returncode}: "
-                    f"{_tail(self.log_path)}")
-            self.proc = None
+        for proc in [*self.appliers, self.proc]:
+            if proc is not None:
+                stop_process(proc)
+                if proc.returncode not in (0, -signal.SIGTERM):
+                    log(f"cdc-sync ({self.name}) exited with {proc.returncode}: "
+                        f"{_tail(self.log_path)}")
+        self.proc, self.appliers = None, []
 
     def memory_mb(self, field_name: str) -> float:
         """A ``/proc/PID/status`` memory figure (``VmRSS``, ``VmHWM``) of the run process."""

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bus", action="store_true",
                         help="run every cdc-sync through NATS JetStream (`[bus]`: capture and "
                              "appliers in one `cdc-sync run`; a nats-server is started)")
+    parser.add_argument("--bus-processes", action="store_true",
+                        help="with --bus: `cdc-sync capture` and one `cdc-sync apply --site` "
+                             "per site as processes of their own (the scale-out shape) "
+                             "instead of one `run`")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where latest.json and latest.md go (default benchmarks/results)")
     return parser
@@ -131,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Harness.open(args.server, site_clusters=site_clusters) as harness, \
                 contextlib.ExitStack() as bus:
             harness.native_streaming = args.native_streaming
-            if args.bus:
+            if args.bus or args.bus_processes:
                 harness.bus_url = bus.enter_context(nats_server(harness.workdir))
+                harness.bus_processes = args.bus_processes
             server, code = harness.server, harness.code
             for scenario in scenarios:
                 results.append(_run_one(harness, scenario, repetitions))
@@ -148,14 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repetitions": repetitions,
         "quick": args.quick,
         "native_streaming": args.native_streaming,
-        "bus": args.bus,
+        "bus": args.bus or args.bus_processes,
+        "bus_processes": args.bus_processes,
         "site_clusters": site_clusters,
         "scenarios_run": [s.key for s in scenarios],
         # 1-minute load averages: far above the CPU count, other work competed with the run
         "load_average": {"start": round(load_before[0], 2),
                          "end": round(os.getloadavg()[0], 2)},
     }
-    print(f"\ncdc-sync{' through NATS JetStream' if args.bus else ''} vs. native logical "
+    shape = (" through NATS JetStream (capture and appliers as processes)" if args.bus_processes
+             else " through NATS JetStream" if args.bus else "")
+    print(f"\ncdc-sync{shape} vs. native logical "
           f"replication — {server}, median of {repetitions}"
           f"{'' if args.native_streaming == 'off' else ', native streaming ' + args.native_streaming}\n")
     print(text_table(results), end="")
