@@ -6,8 +6,10 @@ Contract:
   capture and the site feeders call it like psycopg.
 - `connect()` reaches the servers within `CONNECT_TIMEOUT` seconds or raises `BusError` with
   one line (servers, never a token or password). `ensure_stream()` creates the stream (file
-  storage, subjects `cdc.<source>.>`, the retention of `[bus]`) or checks that an existing one
-  has our subjects (else `BusError` naming the stream and the fix).
+  storage, subjects `cdc.<source>.>`, the retention of `[bus]`) or checks an existing one: our
+  subjects, file storage and limits retention (else `BusStreamError` naming the stream and
+  the fix); its retention (`max_bytes`, `max_age_seconds`, `replicas`) is brought to what
+  `[bus]` says, with a log line.
 - `tail()` is the stream's last sequence and the headers of its last cdc-sync message (capture
   resumes after it). `publish(chunks, after)` sends chunks without waiting for each
   acknowledgement (with the chunk's `Nats-Msg-Id`), each one expecting the message before it
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import ssl
 import threading
 from collections.abc import Coroutine, Sequence
@@ -36,6 +39,8 @@ from ..errors import CdcSyncError
 from ._format import HEADER_TX, Chunk
 
 __all__ = ["BusClient", "BusError", "BusMessage", "BusState", "BusStreamError", "subject_for"]
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT: Final = 10.0
 REQUEST_TIMEOUT: Final = 10.0
@@ -174,10 +179,12 @@ class BusClient:
         self._thread.join(timeout=5)
 
     # -- the stream --------------------------------------------------------------------------
-    def ensure_stream(self) -> BusState:
-        return self._run(self._ensure_stream(), REQUEST_TIMEOUT * 3)
+    def ensure_stream(self, *, adjust: bool = True) -> BusState:
+        """Create the stream or check it; `adjust`: bring its retention to `[bus]`'s (capture
+        does; a reader only checks, so two configurations never undo each other)."""
+        return self._run(self._ensure_stream(adjust), REQUEST_TIMEOUT * 3)
 
-    async def _ensure_stream(self) -> BusState:
+    async def _ensure_stream(self, adjust: bool) -> BusState:
         from nats.js import api, errors
 
         bus = self.settings
@@ -205,7 +212,43 @@ class BusClient:
             raise BusStreamError(
                 f"bus: stream {self.stream} exists with subjects {subjects}, not {wanted}: "
                 f'set [bus] stream to another name, or delete that stream')
-        return _state(self.stream, info)
+        return _state(self.stream, await self._check_stream(info, adjust))
+
+    async def _check_stream(self, info: Any, adjust: bool) -> Any:
+        """An existing stream of ours: refuse settings that lose messages the sites need,
+        bring its retention to what `[bus]` says (a line in the log when it changes)."""
+        from nats.js import api
+
+        config = info.config
+        fix = "set [bus] stream to another name, or delete that stream"
+        if config.storage not in (None, api.StorageType.FILE):
+            raise BusStreamError(f"bus: stream {self.stream} keeps its messages in "
+                                 f"{_name(config.storage)} storage, cdc-sync needs file "
+                                 f"storage (a restarted server must keep them): {fix}")
+        if config.retention not in (None, api.RetentionPolicy.LIMITS):
+            raise BusStreamError(f"bus: stream {self.stream} has {_name(config.retention)} "
+                                 f"retention, which drops messages one site has read before "
+                                 f"the others: cdc-sync needs limits retention: {fix}")
+        bus = self.settings
+        wanted = {"max_bytes": bus.max_bytes, "max_age": float(bus.max_age_seconds or 0),
+                  "num_replicas": bus.replicas, "discard": api.DiscardPolicy.OLD}
+        have = {"max_bytes": config.max_bytes if config.max_bytes is not None else -1,
+                "max_age": float(config.max_age or 0),
+                "num_replicas": config.num_replicas or 1,
+                "discard": config.discard or api.DiscardPolicy.OLD}
+        changed = {k: v for k, v in wanted.items() if have[k] != v}
+        if not changed or not adjust:
+            return info
+        window = min(DUPLICATE_WINDOW, bus.max_age_seconds or DUPLICATE_WINDOW)
+        try:
+            info = await self._js.update_stream(config.evolve(
+                **changed, duplicate_window=min(window, config.duplicate_window or window)))
+        except Exception as exc:
+            raise BusError(f"bus: cannot change stream {self.stream} to "
+                           f"{_settings_text(changed)}: {_one_line(exc)}") from None
+        log.info("bus: stream %s now has %s (was %s)", self.stream, _settings_text(changed),
+                 _settings_text({k: have[k] for k in changed}))
+        return info
 
     def state(self) -> BusState:
         async def get() -> BusState:
@@ -375,6 +418,14 @@ async def _first_connect(nats: Any, options: dict[str, Any]) -> Any:
 def _is_auth_error(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "authorization" in text or "authentication" in text
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _settings_text(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_name(v)}" for k, v in values.items())
 
 
 def _state(stream: str, info: Any) -> BusState:

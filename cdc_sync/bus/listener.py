@@ -84,7 +84,7 @@ class BusListener:
             self.client.connect()
             self._connected = True
         if self.next_seq is None:
-            self.next_seq = self.client.ensure_stream().last_seq + 1
+            self.next_seq = self.client.ensure_stream(adjust=False).last_seq + 1
         assembler = Assembler()
         consumer = self.client.consumer(self.next_seq)
         self.ready.set()

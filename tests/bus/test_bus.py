@@ -308,6 +308,59 @@ def test_bad_credentials_and_a_foreign_stream_are_one_line(env: Env, tmp_path: P
         server.stop()
 
 
+def test_a_stream_of_ours_with_other_settings(env: Env, nats_server: NatsServer,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Memory storage or a retention that drops read messages: refused, one line naming the
+    fix. Other retention limits than `[bus]` says: capture brings them to the file's."""
+    from nats.js import api
+
+    def create(name: str, **config: Any) -> None:
+        client = BusClient(bus_settings(env, nats_server).bus, "x")  # type: ignore[arg-type]
+        client.connect()
+        try:
+            subject = f"cdc.{name.lower()}.>"
+            client._run(client._js.add_stream(name=name, subjects=[subject], **config))
+        finally:
+            client.close()
+
+    create("MEM", storage=api.StorageType.MEMORY)
+    create("WORK", retention=api.RetentionPolicy.WORK_QUEUE)
+    create("OLDAGE", max_age=3600.0)
+    for source, stream, why in (("mem", "MEM", "keeps its messages in memory storage"),
+                                ("work", "WORK", "has workqueue retention")):
+        bus = bus_settings(env, nats_server, stream=stream).bus
+        assert bus is not None
+        client = BusClient(bus, source)
+        client.connect()
+        try:
+            with pytest.raises(BusError) as info:
+                client.ensure_stream()
+        finally:
+            client.close()
+        assert why in str(info.value) and "\n" not in str(info.value)
+        assert "set [bus] stream to another name, or delete that stream" in str(info.value)
+    bus = bus_settings(env, nats_server, stream="OLDAGE", max_age_seconds=60,
+                       max_bytes=1 << 30).bus
+    assert bus is not None
+    client = BusClient(bus, "oldage")
+    client.connect()
+    try:
+        client.ensure_stream(adjust=False)  # a reader only checks
+        info = client._run(client._js.stream_info("OLDAGE"))
+        assert info.config.max_age == 3600.0
+        with caplog.at_level("INFO", logger="cdc_sync.bus.client"):
+            client.ensure_stream()
+        info = client._run(client._js.stream_info("OLDAGE"))
+        assert info.config.max_age == 60.0 and info.config.max_bytes == 1 << 30
+        assert "stream OLDAGE now has max_bytes 1073741824, max_age 60.0" in caplog.text
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cdc_sync.bus.client"):
+            client.ensure_stream()  # already so: nothing changes, nothing said
+        assert "now has" not in caplog.text
+    finally:
+        client.close()
+
+
 def test_an_unreachable_bus_is_one_line(env: Env) -> None:
     data = settings_dict(env.source, env.sites)
     data["bus"] = {"kind": "nats", "url": "nats://127.0.0.1:1"}
