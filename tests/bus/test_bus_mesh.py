@@ -31,11 +31,12 @@ def test_offices_converge_through_the_bus(offices: Callable[..., list[Office]], 
     seed = chosen_seed(server_binaries.major * 100 + 7)
     sc = Scenario("commit", "default", seed, seconds=soak_seconds(12.0), bus=nats_server.url)
     run(sc, offices(OFFICES, CHECKER_DDL), tmp_path)
-    # It went through the bus: every office's transactions are in its own stream.
+    # It went through the bus: every office's transactions are in its own stream (packed:
+    # consecutive small transactions share a message, so fewer messages than transactions).
     for name in OFFICES:
         client = BusClient(BusSettings(kind="nats", url=nats_server.url), name)
         try:
             client.connect()
-            assert client.state().messages > 100, f"stream of {name}"
+            assert client.state().messages > 10, f"stream of {name}"
         finally:
             client.close()
