@@ -231,8 +231,7 @@ class Chunker:
             if self._in_tx and not self._dropping:
                 self._frames.append(frame)
                 self._included.add(relid)
-                self._own.add(relid)
-                self._needs.pop(relid, None)
+                self._own.add(relid)  # (a need noted before stays: earlier rows use that one)
             return []
         if tag == ord("Y"):
             (typid,) = _U32.unpack_from(frame, 1)

@@ -207,3 +207,23 @@ def test_a_session_resumed_inside_a_transaction_continues_its_chunks() -> None:
     assert list(transactions(stream, "resumed")) == published(txs)
     assert Resume.of({HEADER_TX: "10"}) == Resume(0x10, 0, False)
     assert Resume.of({"Nats-Msg-Id": "x"}) is None
+
+
+def test_a_relation_changed_inside_a_moved_transaction_keeps_the_old_one_first() -> None:
+    """A transaction's first rows used the Relation sent in the pack before it; then the
+    table changed (a new Relation) inside it. Moved to a message of its own, it carries the
+    old Relation before its first rows, the new one where the server sent it."""
+    old = RELS[41]
+    new = b"R" + struct.pack("!I", 41) + b"public\x00t41\x00f" + struct.pack("!H", 0)
+    chunker = Chunker(drop_origins=True, chunk_rows=100)
+    out: list[Chunk] = []
+    for frame in [begin(0x100), old, insert(41, 1), commit_frame(0x100, 0x130),
+                  begin(0x200), insert(41, 2), new, insert(41, 3)]:
+        out += chunker.feed(frame)
+    out += chunker.flush()  # the pack goes; the open transaction moves to a message of its own
+    out += chunker.feed(commit_frame(0x200, 0x230))
+    out += chunker.flush()
+    assert [c.msg_id for c in out] == ["100:0", "200:0"]
+    frames = out[1].frames
+    assert frames.index(old) < frames.index(insert(41, 2)) < frames.index(new) \
+        < frames.index(insert(41, 3))
