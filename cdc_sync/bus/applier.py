@@ -2,7 +2,9 @@
 
 Contract:
 - One `SiteWorker` per site, exactly as in-process (batching, conflicts, dead letters,
-  outbox, grouping, loop prevention), fed by a `SiteFeed` thread that reads the stream.
+  outbox, grouping, loop prevention), fed by a `SiteFeed` thread that reads the stream; the
+  sites of one process share one `SharedFeed` (the stream read and decoded once) for as long
+  as they keep pace (see its docstring).
 - The site's progress is the truth: a feed starts (and, whenever its worker lost its place,
   starts again) at the first message whose transaction commits at or after the site's
   durable position, found by a binary search over the stream's headers (`find_start`). What
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -49,15 +52,19 @@ from ._format import (
 )
 from .client import BusClient, BusError, BusMessage, BusState
 
-__all__ = ["BusApplier", "SiteFeed", "find_start"]
+__all__ = ["BusApplier", "SharedFeed", "SiteFeed", "find_start"]
 
 log = logging.getLogger(__name__)
 
-FETCH_BATCH: Final = 256
+# Messages are at most about CHUNK_BYTES (512 KiB): 64 of them stay far below nats-py's
+# 256 MiB of pending bytes per subscription, beyond which it drops messages (slow consumer).
+FETCH_BATCH: Final = 64
 FETCH_TIMEOUT: Final = 0.5
 RESTART_INITIAL: Final = 0.5
 RESTART_MAX: Final = 10.0
 RESYNC_CHECK_SECONDS: Final = 3.0
+CONNECT_WAIT: Final = 5.0  # a shared feed waits this long for its sites' first connection
+DETACH_AFTER: Final = 5.0  # a site whose queue stays full this long reads on its own
 _DEAD_LETTER_SQL: Final = (
     "INSERT INTO cdc_sync.dead_letters (source, op, row_data, error) "
     "SELECT %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM cdc_sync.dead_letters "
@@ -105,14 +112,19 @@ class SiteFeed(threading.Thread):
         self.bad_messages = 0
         self.received_lsn = Lsn(0)  # the end of the last whole transaction read (metrics)
         self.last_error: str | None = None
+        self.shared: SharedFeed | None = None  # reading for this site too, until it detaches
 
     def stop(self) -> None:
         self._halt.set()
 
     def restart(self, _worker: SiteWorker | None = None) -> None:
         """The worker lost its place (it calls this as `on_rewind`): start again from its
-        site's progress."""
-        self._restart.set()
+        site's progress (on its own, if a `SharedFeed` was reading for it)."""
+        shared = self.shared
+        if shared is not None:
+            shared.detach(self)
+        else:
+            self._restart.set()
 
     def run(self) -> None:
         failures = 0
@@ -239,8 +251,151 @@ class SiteFeed(threading.Thread):
                 return
 
 
+class SharedFeed(threading.Thread):
+    """Reads the stream once for the sites of one process: each message is fetched and
+    decoded once and the same batches go to every member's worker (decode once, fan out).
+
+    It starts at the earliest member's place; a member ahead skips what its site holds, as
+    after any replay. A member leaves for a `SiteFeed` of its own (its thread starts then,
+    from its site's progress) and does not come back, when: its site is not connected when
+    reading starts, its messages are gone (needs resync), its worker lost its place
+    (`on_rewind`), it stops accepting, or its queue stays full for `DETACH_AFTER` seconds (a
+    slow site never holds the others back for longer). With no member left it ends."""
+
+    def __init__(self, client: BusClient, members: Sequence[SiteFeed], *,
+                 chunk_size: int | None = None) -> None:
+        super().__init__(name="bus-feed-shared", daemon=True)
+        self.client = client
+        self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+        self._members = list(members)
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._restart = threading.Event()
+        self._discarded: set[int] = set()
+        for m in self._members:
+            m.shared = self
+
+    @property
+    def members(self) -> list[SiteFeed]:
+        with self._lock:
+            return list(self._members)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def detach(self, member: SiteFeed) -> None:
+        """`member` reads on its own from now on (from any thread)."""
+        with self._lock:
+            if member not in self._members:
+                return
+            self._members.remove(member)
+            member.shared = None
+            member._discarded.update(self._discarded)
+            if not self._halt.is_set():
+                log.info("site %s: reads the stream on its own from its progress",
+                         member.worker.site)
+                member.start()
+
+    def run(self) -> None:
+        failures = 0
+        while not self._halt.is_set() and self.members:
+            try:
+                self._session()
+                failures = 0
+            except (BusError, BusFormatError, CdcSyncError, TimeoutError) as exc:
+                why = str(exc) or type(exc).__name__
+                log.warning("sites %s: %s; retrying",
+                            ", ".join(m.worker.site for m in self.members), why)
+                for m in self.members:
+                    m.last_error = why
+                failures += 1
+            if failures and not self._halt.is_set():
+                self._halt.wait(backoff_delay(failures, RESTART_INITIAL, RESTART_MAX,
+                                              jitter="equal"))
+
+    def _session(self) -> None:
+        deadline = time.monotonic() + CONNECT_WAIT
+        while (not self._halt.is_set() and time.monotonic() < deadline
+               and any(m.worker.durable_lsn is None for m in self.members)):
+            self._halt.wait(0.2)
+        state = self.client.state()
+        starts: list[int] = []
+        for m in self.members:
+            position = m.worker.durable_lsn
+            if position is None:
+                self.detach(m)  # not connected: it waits for its site on its own
+                continue
+            start, gone = find_start(self.client, state, position)
+            if gone:
+                self.detach(m)  # it shows `needs_resync` and waits for `init` on its own
+                continue
+            starts.append(start)
+        members = self.members
+        if self._halt.is_set() or not members or not starts:
+            return
+        self._restart.clear()
+        for m in members:
+            m.worker.reset()
+        assembler = Assembler(chunk_size=self.chunk_size)
+        consumer = self.client.consumer(min(starts))
+        tx_first = 0
+        try:
+            while not self._halt.is_set() and not self._restart.is_set() and self.members:
+                items: list[TxItem] = []
+                for msg in consumer.fetch(FETCH_BATCH, FETCH_TIMEOUT):
+                    if msg.seq in self._discarded:
+                        continue
+                    h = msg.headers
+                    if h.get(HEADER_FORMAT) not in READABLE_FORMATS or HEADER_CHUNK not in h:
+                        for m in self.members:
+                            m._dead_letter(msg)
+                        continue
+                    chunk = int(h[HEADER_CHUNK])
+                    if chunk == 0 and assembler.in_transaction:
+                        partial = range(tx_first, msg.seq)  # as in `SiteFeed._session`
+                        self._discarded.update(partial)
+                        for m in self.members:
+                            m._discarded.update(partial)
+                        log.info("sites: discarding a partial transaction (messages %d-%d)",
+                                 tx_first, msg.seq - 1)
+                        self._restart.set()
+                        items = []
+                        break
+                    if chunk > 0 and not assembler.in_transaction:
+                        continue
+                    if chunk == 0:
+                        tx_first = msg.seq
+                    items.extend(SiteFeed._feed(assembler, msg.data))
+                if items:
+                    batch = ItemBatch.of(items)
+                    last = items[-1]
+                    for m in self.members:
+                        if isinstance(last, TxCommit):
+                            m.received_lsn = max(m.received_lsn, last.end_lsn)
+                        self._deliver(m, batch)
+        finally:
+            consumer.close()
+
+    def _deliver(self, member: SiteFeed, batch: ItemBatch) -> None:
+        worker = member.worker
+        until = time.monotonic() + DETACH_AFTER
+        while not self._halt.is_set() and not self._restart.is_set():
+            with self._lock:  # never a put after `detach`: its own feed resets the queue
+                if member.shared is not self:
+                    return  # it left meanwhile (its worker rewound)
+                if worker.put(batch, timeout=0.5):
+                    return
+            if not worker.accepting or time.monotonic() > until:
+                if worker.accepting:
+                    log.warning("site %s is slow: it reads the stream on its own, so the "
+                                "other sites do not wait for it", worker.site)
+                self.detach(member)
+                return
+
+
 class BusApplier:
-    """Applies the stream of `settings`' source to `sites` (default: all) until `stop()`."""
+    """Applies the stream of `settings`' source to `sites` (default: all) until `stop()`.
+    Several sites share one `SharedFeed` (one read and decoding of the stream)."""
 
     def __init__(self, settings: Settings, sites: Sequence[str] | None = None, *,
                  on_applied: Callable[[SiteWorker, int, float], None] | None = None,
@@ -256,6 +411,7 @@ class BusApplier:
         self.clients: list[BusClient] = []
         self.workers: list[SiteWorker] = []
         self.feeds: list[SiteFeed] = []
+        self.shared: SharedFeed | None = None
         for site in chosen:
             client = BusClient(settings.bus, settings.source.name)
             worker = SiteWorker(site.name, site.dsn, settings.source.name,
@@ -266,6 +422,10 @@ class BusApplier:
             self.clients.append(client)
             self.workers.append(worker)
             self.feeds.append(feed)
+        if len(self.feeds) > 1:
+            client = BusClient(settings.bus, settings.source.name)
+            self.clients.append(client)
+            self.shared = SharedFeed(client, self.feeds, chunk_size=chunk_size)
 
     def stop(self) -> None:
         self._stop.set()
@@ -278,11 +438,18 @@ class BusApplier:
                 w.start()
             for w in self.workers:
                 w.ready.wait(timeout=15)
-            for f in self.feeds:
-                f.start()
+            if self.shared is not None:
+                self.shared.start()
+            else:
+                for f in self.feeds:
+                    f.start()
             while not self._stop.wait(0.5):
                 pass
         finally:
+            if self.shared is not None:
+                self.shared.stop()
+                if self.shared.is_alive():
+                    self.shared.join(timeout=30)
             for f in self.feeds:
                 f.stop()
             for f in self.feeds:

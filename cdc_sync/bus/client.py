@@ -373,11 +373,17 @@ class BusClient:
 
 
 class Consumer:
-    """An ephemeral pull consumer of the stream (`BusClient.consumer`)."""
+    """An ephemeral pull consumer of the stream (`BusClient.consumer`).
+
+    Its messages come in delivery order without a hole, or `fetch` raises `BusError`: a
+    message that reached the client after its fetch had timed out can be lost, and a later
+    acknowledgement (AckAll) would make JetStream forget it, so a jump in the consumer's
+    delivery sequence ends the reading (the caller starts again from its own position)."""
 
     def __init__(self, client: BusClient, sub: Any) -> None:
         self._client = client
         self._sub = sub
+        self._delivered = 0  # the consumer sequence of the last message taken
 
     def fetch(self, n: int, timeout: float) -> list[BusMessage]:
         return self._client._run(self._fetch(n, timeout), timeout + REQUEST_TIMEOUT)
@@ -391,10 +397,18 @@ class Consumer:
         except Exception as exc:
             raise BusError(f"bus: cannot read stream {self._client.stream}: "
                            f"{_one_line(exc)}") from None
+        out: list[BusMessage] = []
+        for m in msgs:
+            seq = m.metadata.sequence
+            if seq.consumer != self._delivered + 1:
+                raise BusError(f"bus: stream {self._client.stream}: delivery {seq.consumer} "
+                               f"came after {self._delivered} (messages lost on the way); "
+                               f"reading again")
+            self._delivered = seq.consumer
+            out.append(BusMessage(seq.stream, dict(m.headers or {}), m.data))
         if msgs:
             await msgs[-1].ack()  # AckAll: what we took (the site's progress is the truth)
-        return [BusMessage(m.metadata.sequence.stream, dict(m.headers or {}), m.data)
-                for m in msgs]
+        return out
 
     def close(self) -> None:
         try:

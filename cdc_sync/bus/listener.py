@@ -39,7 +39,9 @@ __all__ = ["BusListener"]
 
 log = logging.getLogger(__name__)
 
-FETCH_BATCH: Final = 256
+# Messages are at most about CHUNK_BYTES (512 KiB): 64 of them stay far below nats-py's
+# 256 MiB of pending bytes per subscription, beyond which it drops messages (slow consumer).
+FETCH_BATCH: Final = 64
 FETCH_TIMEOUT: Final = 0.5
 RETRY_INITIAL: Final = 0.5
 RETRY_MAX: Final = 10.0

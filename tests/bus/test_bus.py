@@ -132,6 +132,40 @@ def test_capture_and_apply_converge_and_resume_from_site_progress(
     assert_same_tables(env.source, env.sites, ["public.grants"])
 
 
+def test_the_sites_of_one_process_share_one_read_of_the_stream(
+        env: Env, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode once, fan out: two sites in one `apply` decode each message once (the
+    `SharedFeed`), and both stay in it while they keep pace."""
+    from cdc_sync.bus.applier import SiteFeed
+
+    execute(env.source, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+    settings = bus_settings(env, nats_server)
+    commands.init(settings)
+    decoded: list[int] = []
+    feed = SiteFeed._feed
+
+    def counting(assembler: Any, body: bytes) -> Any:
+        decoded.append(len(body))
+        return feed(assembler, body)
+
+    monkeypatch.setattr(SiteFeed, "_feed", staticmethod(counting))
+    with running(Capture(settings)):
+        applier = BusApplier(settings)
+        with running(applier):
+            with connect(env.source) as conn:
+                for i in range(20):
+                    conn.execute("INSERT INTO t SELECT g, 'v' FROM generate_series(%s::int, %s::int) g",
+                                 (i * 100 + 1, i * 100 + 100))
+            wait_applied(settings)
+            assert applier.shared is not None
+            assert [m.worker.site for m in applier.shared.members] == \
+                [s.name for s in settings.sites]
+            assert not any(f.is_alive() for f in applier.feeds)  # no site reads on its own
+            messages = stream_state(settings).messages
+    assert 0 < len(decoded) <= messages, (len(decoded), messages)  # not once per site
+    assert_same_tables(env.source, env.sites, ["public.t"], min_rows=2000)
+
+
 def test_a_down_site_does_not_hold_the_slot(env: Env, nats_server: NatsServer) -> None:
     execute(env.source, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     settings = bus_settings(env, nats_server)
