@@ -227,3 +227,34 @@ def test_a_relation_changed_inside_a_moved_transaction_keeps_the_old_one_first()
     frames = out[1].frames
     assert frames.index(old) < frames.index(insert(41, 2)) < frames.index(new) \
         < frames.index(insert(41, 3))
+
+
+def test_a_hole_in_the_delivery_sequence_ends_the_reading() -> None:
+    """nats-py can drop messages (past its pending limit) and AckAll would then acknowledge
+    past them: the consumer raises instead of returning messages after a hole."""
+    import asyncio
+    from types import SimpleNamespace
+    from typing import Any
+
+    from cdc_sync.bus.client import BusError, Consumer
+
+    def message(consumer_seq: int) -> Any:
+        async def ack() -> None:
+            pass
+        seq = SimpleNamespace(consumer=consumer_seq, stream=100 + consumer_seq)
+        return SimpleNamespace(metadata=SimpleNamespace(sequence=seq), headers={},
+                               data=b"x", ack=ack)
+
+    class Sub:
+        def __init__(self, batches: list[list[int]]) -> None:
+            self.batches = batches
+
+        async def fetch(self, n: int, timeout: float) -> list[Any]:
+            return [message(c) for c in self.batches.pop(0)]
+
+    client = SimpleNamespace(stream="S", _run=lambda coro, _t=None: asyncio.run(coro))
+    consumer = Consumer(client, Sub([[1, 2, 3], [4, 5], [7, 8]]))  # type: ignore[arg-type]
+    assert [m.seq for m in consumer.fetch(64, 0.5)] == [101, 102, 103]
+    assert [m.seq for m in consumer.fetch(64, 0.5)] == [104, 105]
+    with pytest.raises(BusError, match="delivery 7 came after 5"):
+        consumer.fetch(64, 0.5)
