@@ -111,7 +111,7 @@ class Capture:
         forward = source.forward_origins
         stream = ReplicationStream(source.dsn, source.slot, source.publication,
                                    origin_none=not forward, streaming=False,
-                                   decoding_work_mem=source.decoding_work_mem)
+                                   decoding_work_mem=source.decoding_work_mem, coalesce=True)
         self.client.abandon_acks()  # of an earlier session: what they were for is read again
         after: int | str
         after, tail = self.client.tail()

@@ -42,7 +42,9 @@ MAX_FRAMES_PER_READ: Final = 2000
 # seconds once and reads on. A reader that keeps up wakes (and is woken by the WAL sender's
 # every send) for one or two messages at a time; the nap lets messages pile up in the socket
 # instead. Measured on loopback TCP, a 100k-change backlog: 0.77 s plain, 0.29 s with the nap
-# (pg_recvlogical: 0.84 s). It adds at most the nap to a message's latency.
+# (pg_recvlogical: 0.84 s). It adds at most the nap to a message's latency. Only capture asks
+# for it (`coalesce`): the in-process pipeline, reading faster than a filtering site takes its
+# batches, would fill that site's bounded queue and hold more memory (tests/faults).
 COALESCE_BELOW: Final = 64
 COALESCE_NAP: Final = 0.0002
 CONNECT_TIMEOUT: Final = 10
@@ -94,8 +96,10 @@ class ReplicationStream:
     """One START_REPLICATION session (see the module docstring)."""
 
     def __init__(self, dsn: str, slot: str, publication: str, *, origin_none: bool = False,
-                 streaming: bool = False, decoding_work_mem: str | None = None) -> None:
+                 streaming: bool = False, decoding_work_mem: str | None = None,
+                 coalesce: bool = False) -> None:
         self.dsn = dsn
+        self.coalesce = coalesce  # nap once on a short read (COALESCE_*): bus capture only
         self.slot = slot
         self.publication = publication
         self.origin_none = origin_none
@@ -171,7 +175,8 @@ class ReplicationStream:
                     frames.append(bytes(data))
                     continue
                 if n == 0:
-                    if frames and not napped and len(frames) < COALESCE_BELOW:
+                    if (self.coalesce and frames and not napped
+                            and len(frames) < COALESCE_BELOW):
                         napped = True
                         time.sleep(COALESCE_NAP)
                         pg.consume_input()
