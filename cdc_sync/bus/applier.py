@@ -96,6 +96,49 @@ def find_start(client: BusClient, state: BusState, position: Lsn) -> tuple[int, 
     return lo, gone
 
 
+class _Reader:
+    """Turns the messages of one consumer into items for the sites, as both feeds read: a
+    message that is not ours goes to `bad`; a transaction that stopped short and comes again
+    from chunk 0 ends the batch with the sequences of its partial messages (the caller
+    forgets them and starts again from the sites' progress); the rest of a transaction
+    begun before the consumer's start is skipped."""
+
+    def __init__(self, chunk_size: int) -> None:
+        self.assembler = Assembler(chunk_size=chunk_size)
+        self._tx_first = 0  # sequence of chunk 0 of the open transaction
+
+    def read(self, msgs: Sequence[BusMessage], discarded: set[int],
+             bad: Callable[[BusMessage], None]) -> tuple[list[TxItem], range | None]:
+        assembler = self.assembler
+        items: list[TxItem] = []
+        for msg in msgs:
+            if msg.seq in discarded:
+                continue
+            h = msg.headers
+            if h.get(HEADER_FORMAT) not in READABLE_FORMATS or HEADER_CHUNK not in h:
+                bad(msg)
+                continue
+            chunk = int(h[HEADER_CHUNK])
+            if chunk == 0 and assembler.in_transaction:
+                return [], range(self._tx_first, msg.seq)
+            if chunk > 0 and not assembler.in_transaction:
+                continue  # the rest of a transaction we did not start with
+            if chunk == 0:
+                self._tx_first = msg.seq
+            items.extend(_feed(assembler, msg.data))
+        return items, None
+
+
+def _feed(assembler: Assembler, body: bytes) -> list[TxItem]:
+    out: list[TxItem] = []
+    for frame in decode_body(body):
+        if frame[0] in ROW_TAGS:
+            out.extend(assembler.feed_row(frame))
+        else:
+            out.extend(assembler.feed(decode_message(frame), len(frame)))
+    return out
+
+
 class SiteFeed(threading.Thread):
     """Reads the stream into one site's worker (see the module docstring)."""
 
@@ -162,34 +205,20 @@ class SiteFeed(threading.Thread):
         self.needs_resync = False
         self._restart.clear()
         worker.reset()
-        assembler = Assembler(chunk_size=self.chunk_size)
+        reader = _Reader(self.chunk_size)
         consumer = self.client.consumer(start)
-        tx_first = 0  # sequence of chunk 0 of the open transaction
         try:
             while not self._halt.is_set() and not self._restart.is_set():
-                items: list[TxItem] = []
-                for msg in consumer.fetch(FETCH_BATCH, FETCH_TIMEOUT):
-                    if msg.seq in self._discarded:
-                        continue
-                    h = msg.headers
-                    if h.get(HEADER_FORMAT) not in READABLE_FORMATS or HEADER_CHUNK not in h:
-                        self._dead_letter(msg)
-                        continue
-                    chunk = int(h[HEADER_CHUNK])
-                    if chunk == 0 and assembler.in_transaction:
-                        # The open transaction stopped short (capture died mid-way) and comes
-                        # again: forget it at the site too, from the site's progress.
-                        self._discarded.update(range(tx_first, msg.seq))
-                        log.info("site %s: discarding a partial transaction (messages %d-%d)",
-                                 worker.site, tx_first, msg.seq - 1)
-                        self._restart.set()
-                        items = []
-                        break
-                    if chunk > 0 and not assembler.in_transaction:
-                        continue  # the rest of a transaction we did not start with
-                    if chunk == 0:
-                        tx_first = msg.seq
-                    items.extend(self._feed(assembler, msg.data))
+                items, partial = reader.read(consumer.fetch(FETCH_BATCH, FETCH_TIMEOUT),
+                                             self._discarded, self._dead_letter)
+                if partial is not None:
+                    # The open transaction stopped short (capture died mid-way) and comes
+                    # again: forget it at the site too, from the site's progress.
+                    self._discarded.update(partial)
+                    log.info("site %s: discarding a partial transaction (messages %d-%d)",
+                             worker.site, partial.start, partial.stop - 1)
+                    self._restart.set()
+                    break
                 if items:
                     last = items[-1]
                     if isinstance(last, TxCommit):
@@ -231,16 +260,6 @@ class SiteFeed(threading.Thread):
             return
         if row is not None and row[0]:
             worker.durable_lsn = max(worker.durable_lsn or Lsn(0), Lsn.parse(row[0]))
-
-    @staticmethod
-    def _feed(assembler: Assembler, body: bytes) -> list[TxItem]:
-        out: list[TxItem] = []
-        for frame in decode_body(body):
-            if frame[0] in ROW_TAGS:
-                out.extend(assembler.feed_row(frame))
-            else:
-                out.extend(assembler.feed(decode_message(frame), len(frame)))
-        return out
 
     def _deliver(self, batch: ItemBatch) -> None:
         while not self._halt.is_set() and not self._restart.is_set():
@@ -336,36 +355,25 @@ class SharedFeed(threading.Thread):
         self._restart.clear()
         for m in members:
             m.worker.reset()
-        assembler = Assembler(chunk_size=self.chunk_size)
+        reader = _Reader(self.chunk_size)
         consumer = self.client.consumer(min(starts))
-        tx_first = 0
+
+        def bad(msg: BusMessage) -> None:
+            for m in self.members:
+                m._dead_letter(msg)
+
         try:
             while not self._halt.is_set() and not self._restart.is_set() and self.members:
-                items: list[TxItem] = []
-                for msg in consumer.fetch(FETCH_BATCH, FETCH_TIMEOUT):
-                    if msg.seq in self._discarded:
-                        continue
-                    h = msg.headers
-                    if h.get(HEADER_FORMAT) not in READABLE_FORMATS or HEADER_CHUNK not in h:
-                        for m in self.members:
-                            m._dead_letter(msg)
-                        continue
-                    chunk = int(h[HEADER_CHUNK])
-                    if chunk == 0 and assembler.in_transaction:
-                        partial = range(tx_first, msg.seq)  # as in `SiteFeed._session`
-                        self._discarded.update(partial)
-                        for m in self.members:
-                            m._discarded.update(partial)
-                        log.info("sites: discarding a partial transaction (messages %d-%d)",
-                                 tx_first, msg.seq - 1)
-                        self._restart.set()
-                        items = []
-                        break
-                    if chunk > 0 and not assembler.in_transaction:
-                        continue
-                    if chunk == 0:
-                        tx_first = msg.seq
-                    items.extend(SiteFeed._feed(assembler, msg.data))
+                items, partial = reader.read(consumer.fetch(FETCH_BATCH, FETCH_TIMEOUT),
+                                             self._discarded, bad)
+                if partial is not None:  # as in `SiteFeed._session`
+                    self._discarded.update(partial)
+                    for m in self.members:
+                        m._discarded.update(partial)
+                    log.info("sites: discarding a partial transaction (messages %d-%d)",
+                             partial.start, partial.stop - 1)
+                    self._restart.set()
+                    break
                 if items:
                     batch = ItemBatch.of(items)
                     last = items[-1]

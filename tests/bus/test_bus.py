@@ -136,19 +136,19 @@ def test_the_sites_of_one_process_share_one_read_of_the_stream(
         env: Env, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode once, fan out: two sites in one `apply` decode each message once (the
     `SharedFeed`), and both stay in it while they keep pace."""
-    from cdc_sync.bus.applier import SiteFeed
+    from cdc_sync.bus import applier as applier_module
 
     execute(env.source, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     settings = bus_settings(env, nats_server)
     commands.init(settings)
     decoded: list[int] = []
-    feed = SiteFeed._feed
+    feed = applier_module._feed
 
     def counting(assembler: Any, body: bytes) -> Any:
         decoded.append(len(body))
         return feed(assembler, body)
 
-    monkeypatch.setattr(SiteFeed, "_feed", staticmethod(counting))
+    monkeypatch.setattr(applier_module, "_feed", counting)
     with running(Capture(settings)):
         applier = BusApplier(settings)
         with running(applier):
